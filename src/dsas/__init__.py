@@ -7,6 +7,23 @@ per-site, per-token gate. See README.md and docs/.
 """
 
 from dsas.data import PromptSets
+from dsas.fit import FitConfig, fit
+from dsas.gates import DSASConfig, SiteGate
+from dsas.maps import SiteMap
+from dsas.sites import Site, resolve_sites
+from dsas.steer import Trace
+from dsas.steerer import Steerer
 
-__all__ = ["PromptSets"]
+__all__ = [
+    "DSASConfig",
+    "FitConfig",
+    "PromptSets",
+    "Site",
+    "SiteGate",
+    "SiteMap",
+    "Steerer",
+    "Trace",
+    "fit",
+    "resolve_sites",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,211 @@
+"""Gates ("when"): the per-site, per-token factor g_l(z) in z' = z + lam * g_l(z) * Δ_l(z).
+
+* const:   g = mult (1 for vanilla steering).
+* sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector).
+* relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
+
+The DSAS regulator (paper Eq. 5-6): on token-mean activations of the source set (label 1) and control set
+(label 0), fit PCA(r) -> logistic regression; fold it into w = P^T w_lr, b = b_lr - w . mu, so the run-time
+cost is one dot product per token and site. Sites whose cross-validated accuracy is below a threshold carry no
+signal (g would hover near 0.5 everywhere) and are switched off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+
+GATE_KINDS = ("const", "sigmoid", "relu")
+
+
+@dataclass
+class SiteGate:
+    """g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; or g = mult for kind "const"."""
+
+    kind: str = "const"
+    w: torch.Tensor | None = None
+    b: float = 0.0
+    mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in GATE_KINDS:
+            raise ValueError(f"gate kind {self.kind!r} is not one of {GATE_KINDS}.")
+        if self.kind != "const" and self.w is None:
+            raise ValueError(f"a {self.kind} gate needs a weight vector w.")
+
+    def value(self, z: torch.Tensor) -> torch.Tensor:
+        """Reference g(z) for z[..., d] -> [...] (fp32)."""
+        if self.kind == "const" or self.w is None:
+            return torch.full(z.shape[:-1], self.mult, dtype=torch.float32, device=z.device)
+        s = z.float() @ self.w.to(z.device) + self.b
+        phi = torch.sigmoid(s) if self.kind == "sigmoid" else torch.relu(s)
+        return self.mult * phi
+
+
+@dataclass
+class DSASConfig:
+    """Options of the DSAS regulator (defaults reproduce the paper where it is known; see docs/design.md)."""
+
+    pca_dim: int = 5
+    """r: principal components kept before the logistic regression (paper: 5)."""
+    acc_threshold: float = 0.75
+    """Sites whose regulator accuracy is below this are treated by `inactive` (paper: 0.75)."""
+    acc_mode: str = "cv"
+    """How accuracy is measured: "cv" (stratified k-fold), "train", or "holdout" (25% stratified split)."""
+    folds: int = 5
+    """k for acc_mode="cv" (reduced to the smaller class size when the sets are tiny)."""
+    C: float = 1.0
+    """Inverse L2 strength of the logistic regression (sklearn's C); class_weight is balanced."""
+    features: str = "mean"
+    """"mean": one token-mean vector per prompt (paper); "tokens": every token labelled (reviewer 4's ask),
+    weighted 1/K per prompt, cross-validated by prompt groups."""
+    inactive: str = "off"
+    """Policy for sites under the threshold: "off" (not steered), "vanilla" (g = 1), "keep" (use h anyway)."""
+    soft: bool = False
+    """Soft accuracy gate (reviewer 1): multiply g by clip((acc - 0.5) / (acc_threshold - 0.5), 0, 1)."""
+    temperature: float = 1.0
+    """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
+    offset: float = 0.0
+    seed: int = 0
+    """Seed of the CV fold shuffling."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "acc_mode": ("cv", "train", "holdout"),
+            "features": ("mean", "tokens"),
+            "inactive": ("off", "vanilla", "keep"),
+        }
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"DSASConfig.{k}={getattr(self, k)!r} is not one of {allowed}.")
+        if self.pca_dim < 1:
+            raise ValueError("DSASConfig.pca_dim must be >= 1.")
+        if not 0.5 <= self.acc_threshold <= 1.0:
+            raise ValueError("DSASConfig.acc_threshold must lie in [0.5, 1].")
+        if self.temperature <= 0:
+            raise ValueError("DSASConfig.temperature must be > 0.")
+
+
+@dataclass
+class RegulatorFit:
+    """A fitted regulator of one site: the folded gate plus what is kept for analysis."""
+
+    gate: SiteGate
+    accuracy: float
+    active: bool
+    """The accuracy passed the threshold."""
+    steered: bool
+    """The site is hooked at run time (active, or the inactive policy / soft gate keeps it)."""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _pipeline(n_components: int, C: float) -> Pipeline:
+    return Pipeline(
+        [
+            ("pca", PCA(n_components=n_components, svd_solver="full")),
+            ("lr", LogisticRegression(C=C, class_weight="balanced", solver="newton-cholesky", max_iter=1000)),
+        ]
+    )
+
+
+def _fit_pipe(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, r: int, C: float) -> Pipeline:
+    pipe = _pipeline(max(1, min(r, X.shape[0] - 1, X.shape[1])), C)
+    pipe.fit(X, y, lr__sample_weight=w)
+    return pipe
+
+
+def _accuracy(pipe: Pipeline, X: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> float:
+    return float(np.average(pipe.predict(X) == y, weights=w))
+
+
+def regulator_accuracy(
+    X: np.ndarray,
+    y: np.ndarray,
+    cfg: DSASConfig,
+    groups: np.ndarray | None = None,
+    w: np.ndarray | None = None,
+) -> float:
+    """Accuracy of the PCA -> LR pipeline as `cfg.acc_mode` says (PCA refitted inside every fold)."""
+    if cfg.acc_mode == "train":
+        return _accuracy(_fit_pipe(X, y, w, cfg.pca_dim, cfg.C), X, y, w)
+    g = groups if groups is not None else np.arange(len(y))
+    # Class sizes in prompts (groups), which is what limits the number of folds.
+    n_min = min(len(np.unique(g[y == c])) for c in (0, 1))
+    if cfg.acc_mode == "holdout":
+        ug = np.unique(g)
+        gy = np.array([y[g == u][0] for u in ug])
+        tr_g, _ = train_test_split(ug, test_size=0.25, stratify=gy, random_state=cfg.seed)
+        tr = np.isin(g, tr_g)
+        pipe = _fit_pipe(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
+        return _accuracy(pipe, X[~tr], y[~tr], None if w is None else w[~tr])
+    k = min(cfg.folds, n_min)
+    splitter: Any = (
+        StratifiedGroupKFold(k, shuffle=True, random_state=cfg.seed)
+        if groups is not None
+        else StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
+    )
+    hits = weights = 0.0
+    for tr, te in splitter.split(X, y, groups=groups):
+        pipe = _fit_pipe(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
+        wt = np.ones(len(te)) if w is None else w[te]
+        hits += float(((pipe.predict(X[te]) == y[te]) * wt).sum())
+        weights += float(wt.sum())
+    return hits / weights
+
+
+def fold_pipeline(pipe: Pipeline) -> tuple[np.ndarray, float]:
+    """Collapse PCA -> LR into (w, b) with LR(PCA(z)) logit = w . z + b (paper Eq. 6)."""
+    pca, lr = pipe.named_steps["pca"], pipe.named_steps["lr"]
+    w = pca.components_.T @ lr.coef_[0]
+    b = float(lr.intercept_[0] - w @ pca.mean_)
+    return w, b
+
+
+def fit_regulator(
+    source: torch.Tensor | list[torch.Tensor],
+    control: torch.Tensor | list[torch.Tensor],
+    cfg: DSASConfig,
+) -> RegulatorFit:
+    """Fit the DSAS regulator of one site.
+
+    source/control: token-mean activations [n, d] (features="mean"), or lists of per-prompt token activations
+    [K_i, d] (features="tokens").
+    """
+    groups = w = None
+    if isinstance(source, list) or isinstance(control, list):
+        src, ctl = list(source), list(control)
+        X = torch.cat(src + ctl).double().numpy()
+        y = np.concatenate([np.ones(sum(len(t) for t in src)), np.zeros(sum(len(t) for t in ctl))])
+        groups = np.concatenate([np.full(len(t), i) for i, t in enumerate(src + ctl)])
+        w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in src + ctl])
+    else:
+        X = torch.cat([source, control]).double().numpy()
+        y = np.concatenate([np.ones(len(source)), np.zeros(len(control))])
+    acc = regulator_accuracy(X, y, cfg, groups, w)
+    pipe = _fit_pipe(X, y, w, cfg.pca_dim, cfg.C)
+    wv, b = fold_pipeline(pipe)
+    wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
+    active = acc >= cfg.acc_threshold
+    mult = 1.0
+    if cfg.soft:
+        mult = float(np.clip((acc - 0.5) / max(cfg.acc_threshold - 0.5, 1e-9), 0.0, 1.0))
+    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult)
+    if not active and cfg.inactive == "vanilla":
+        gate = SiteGate("const", None, 0.0, 1.0)
+    pca = pipe.named_steps["pca"]
+    stats = {
+        "accuracy": acc,
+        "train_accuracy": _accuracy(pipe, X, y, w),
+        "pca_components": int(pca.n_components_),
+        "pca_explained": float(np.sum(pca.explained_variance_ratio_)),
+        "w_norm": float(np.linalg.norm(wv)),
+    }
+    steered = active or cfg.inactive in ("vanilla", "keep") or (cfg.soft and mult > 0)
+    return RegulatorFit(gate, acc, bool(active), bool(steered), stats)

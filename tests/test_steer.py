@@ -1,0 +1,213 @@
+"""The steering rule inside real forward passes and `generate`, on five architectures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dsas
+from dsas.gates import SiteGate
+from dsas.maps import SiteMap
+from dsas.sites import get_module, output_tensor, replace_output
+from dsas.steer import SiteParams, steer_tensor
+
+PROMPTS = ["you stupid idiot and", "the city river history is", "a nice kind friend"]
+
+
+def _logits(model, tok, texts=PROMPTS):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+@pytest.fixture(scope="module")
+def steerer(arch_model, tiny_tok, engine_sets):
+    return dsas.fit(
+        arch_model, tiny_tok, engine_sets, method="caa", gate="dsas", progress=False, acc_threshold=0.5
+    )
+
+
+def test_strength_zero_is_bit_identical(arch_model, tiny_tok, steerer):
+    ref = _logits(arch_model, tiny_tok)
+    assert steerer.steered, "the fixture must steer at least one site"
+    with steerer.apply(arch_model, strength=0.0):
+        out = _logits(arch_model, tiny_tok)
+    assert torch.equal(ref, out)
+
+
+def test_zero_gate_is_bit_identical(arch_model, tiny_tok, steerer):
+    ref = _logits(arch_model, tiny_tok)
+    zero = dataclasses.replace(steerer, gates={k: SiteGate("const", None, 0.0, 0.0) for k in steerer.gates})
+    with zero.apply(arch_model, strength=8.0):
+        out = _logits(arch_model, tiny_tok)
+    assert torch.equal(ref, out)
+
+
+def test_steering_changes_outputs_and_hooks_are_removed(arch_model, tiny_tok, steerer):
+    ref = _logits(arch_model, tiny_tok)
+    with steerer.apply(arch_model, strength=50.0):
+        out = _logits(arch_model, tiny_tok)
+    assert not torch.allclose(ref, out)
+    assert torch.equal(ref, _logits(arch_model, tiny_tok))
+
+
+def test_gate_none_equals_hand_written_addition(arch_model, tiny_tok, engine_sets):
+    st = dsas.fit(arch_model, tiny_tok, engine_sets, method="caa", gate="none", progress=False)
+    assert st.steered == st.site_names
+    lam = 3.0
+    handles = []
+
+    def make(site):
+        v = st.maps[site.name].shift
+
+        def hook(_m, _i, out):
+            h = output_tensor(out, site.index)
+            return replace_output(out, h + lam * v.to(h.dtype), site.index)
+
+        return hook
+
+    for s in st.sites:
+        handles.append(get_module(arch_model, s).register_forward_hook(make(s)))
+    try:
+        ref = _logits(arch_model, tiny_tok)
+    finally:
+        for h in handles:
+            h.remove()
+    with st.apply(arch_model, strength=lam):
+        out = _logits(arch_model, tiny_tok)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_gate_equals_plain_steering(arch_model, tiny_tok, engine_sets):
+    """A DSAS steerer whose gates are forced to 1 is exactly vanilla CAA at the same strength."""
+    vanilla = dsas.fit(arch_model, tiny_tok, engine_sets, gate="none", progress=False)
+    gated = dsas.fit(
+        arch_model, tiny_tok, engine_sets, gate="dsas", progress=False, acc_threshold=0.5, inactive="vanilla"
+    )
+    gated.gates = {k: SiteGate("const") for k in gated.gates}
+    with vanilla.apply(arch_model, strength=2.0):
+        a = _logits(arch_model, tiny_tok)
+    with gated.apply(arch_model, strength=2.0):
+        b = _logits(arch_model, tiny_tok)
+    assert torch.equal(a, b)
+
+
+def test_cached_and_uncached_generation_agree(arch_model, left_tok, steerer):
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with steerer.apply(arch_model, strength=6.0, trace=True) as t1:
+        a = arch_model.generate(**enc, use_cache=True, **kw)
+    with steerer.apply(arch_model, strength=6.0, trace=True) as t2:
+        b = arch_model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(a, b)
+    s1, s2 = t1.scales, t2.scales
+    real = t1.mask.bool()  # padding positions attend to nothing: their activations are meaningless
+    assert s1.keys() == s2.keys() and torch.equal(t1.mask, t2.mask)
+    for k in s1:
+        assert s1[k].shape == (len(PROMPTS), a.shape[1] - 1)
+        # Same tokens; scales differ only by fp32 round-off between 1-token and full-sequence kernels.
+        torch.testing.assert_close(s1[k][real], s2[k][real], rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_batch_equals_rows_alone(arch_model, left_tok, steerer):
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with steerer.apply(arch_model, strength=6.0, trace=True) as tb:
+        batch = arch_model.generate(**enc, **kw)
+    scales_b, mask = tb.scales, tb.mask
+    assert mask is not None and mask.shape[1] == batch.shape[1] - 1
+    for i, p in enumerate(PROMPTS):
+        one = left_tok([p], return_tensors="pt")
+        with steerer.apply(arch_model, strength=6.0, trace=True) as t1:
+            alone = arch_model.generate(**one, **kw)
+        n = alone.shape[1]
+        assert torch.equal(batch[i, -n:], alone[0])
+        for k, v in t1.scales.items():
+            real = scales_b[k][i][mask[i].bool()]
+            torch.testing.assert_close(real, v[0], rtol=1e-4, atol=1e-5)
+
+
+def test_per_row_strength(arch_model, tiny_tok, steerer):
+    ref = _logits(arch_model, tiny_tok)
+    with steerer.apply(arch_model, strength=[0.0, 30.0, 0.0]):
+        out = _logits(arch_model, tiny_tok)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
+    assert not torch.allclose(out[1], ref[1])
+    with (
+        pytest.raises(ValueError, match="one strength per prompt"),
+        steerer.apply(arch_model, strength=[1.0, 2.0]),
+    ):
+        _logits(arch_model, tiny_tok)
+
+
+def test_per_row_strength_with_beams(arch_model, left_tok, steerer):
+    enc = left_tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    plain = arch_model.generate(**enc, **kw)
+    with steerer.apply(arch_model, strength=[0.0, 40.0]):
+        mixed = arch_model.generate(**enc, **kw)
+    assert torch.equal(mixed[0], plain[0])
+
+
+def test_hooks_removed_when_generate_raises(arch_model, tiny_tok, steerer):
+    ref = _logits(arch_model, tiny_tok)
+    with pytest.raises(RuntimeError, match="boom"), steerer.apply(arch_model, strength=5.0):
+        raise RuntimeError("boom")
+    assert not any(m._forward_hooks for m in arch_model.modules())
+    assert torch.equal(ref, _logits(arch_model, tiny_tok))
+
+
+def test_nesting_is_refused(arch_model, steerer):
+    with steerer.apply(arch_model, strength=1.0), pytest.raises(RuntimeError, match="already applied"):
+        with steerer.apply(arch_model, strength=1.0):
+            pass
+    with steerer.apply(arch_model, strength=1.0):  # usable again after exit
+        pass
+
+
+def test_bf16_model_keeps_dtype(tiny_tok, engine_sets):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama", len(tiny_tok)).to(torch.bfloat16)
+    st = dsas.fit(model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5)
+    enc = tiny_tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**enc).logits
+        with st.apply(model, strength=0.0):
+            same = model(**enc).logits
+        with st.apply(model, strength=4.0):
+            out = model(**enc).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(ref, same) and torch.isfinite(out).all()
+
+
+def test_steer_tensor_matches_reference_formula():
+    torch.manual_seed(0)
+    d = 16
+    z = torch.randn(2, 5, d)
+    m = SiteMap(torch.randn(d), torch.randn(d) * 0.1, lo=torch.full((d,), -1.0), hi=torch.full((d,), 1.0))
+    for g in (
+        SiteGate("sigmoid", torch.randn(d), 0.3, 0.7),
+        SiteGate("relu", torch.randn(d), 0.1),
+        SiteGate(),
+    ):
+        lam = torch.tensor([0.5, 2.0])
+        y, a = steer_tensor(z, SiteParams.build(m, g, z.device), lam)
+        expect_a = lam[:, None] * g.value(z)
+        torch.testing.assert_close(a, expect_a)
+        torch.testing.assert_close(y, z + expect_a[..., None] * m.displacement(z))
+
+
+def test_steer_tensor_feature_maps_are_per_location():
+    """[B, C, H, W] outputs: each spatial location is a token whose C-vector is steered."""
+    torch.manual_seed(0)
+    c = 8
+    x = torch.randn(2, c, 3, 4)
+    g = SiteGate("sigmoid", torch.randn(c), 0.0)
+    m = SiteMap(torch.randn(c))
+    y, a = steer_tensor(x, SiteParams.build(m, g, x.device), torch.tensor([1.0, 3.0]))
+    assert a.shape == (2, 3, 4) and y.shape == x.shape
+    zz = x.movedim(1, -1)
+    ref = zz + (torch.tensor([1.0, 3.0]).view(2, 1, 1) * g.value(zz))[..., None] * m.shift
+    torch.testing.assert_close(y, ref.movedim(-1, 1))
