@@ -160,9 +160,12 @@ def test_hooks_removed_when_generate_raises(arch_model, tiny_tok, steerer):
 
 
 def test_nesting_is_refused(arch_model, steerer):
-    with steerer.apply(arch_model, strength=1.0), pytest.raises(RuntimeError, match="already applied"):
-        with steerer.apply(arch_model, strength=1.0):
-            pass
+    with (
+        steerer.apply(arch_model, strength=1.0),
+        pytest.raises(RuntimeError, match="already applied"),
+        steerer.apply(arch_model, strength=1.0),
+    ):
+        pass
     with steerer.apply(arch_model, strength=1.0):  # usable again after exit
         pass
 

@@ -140,7 +140,7 @@ def _configs(method: str, gate: str, options: dict[str, Any]) -> tuple[FitConfig
             raise TypeError(f"{name}= must be a {cls.__name__}, got {type(given).__name__}.")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: rest.pop(k) for k in list(rest) if k in fields}
-        built[name] = cls(**{**dataclasses.asdict(given), **kw}) if given is not None else cls(**kw)
+        built[name] = cls(**{**vars(given), **kw}) if given is not None else cls(**kw)
     if rest:
         valid = sorted({f.name for c in classes.values() for f in dataclasses.fields(c)} | set(classes))
         raise TypeError(

@@ -1,0 +1,79 @@
+"""`dsas.fit`: options routing and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+import dsas
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tok):
+    from conftest import make_tiny_model
+
+    return make_tiny_model("llama", len(tiny_tok))
+
+
+def test_options_are_routed_and_recorded(model, tiny_tok, engine_sets):
+    st = dsas.fit(model, tiny_tok, engine_sets, pca_dim=2, acc_threshold=0.6, batch_size=4, progress=False)
+    assert st.config["options"]["dsas"]["pca_dim"] == 2 and st.config["fit"]["batch_size"] == 4
+    assert all(st.stats[s]["pca_components"] == 2 for s in st.site_names)
+    cfg = dsas.DSASConfig(pca_dim=3)
+    st = dsas.fit(model, tiny_tok, engine_sets, dsas=cfg, acc_threshold=0.5, progress=False)
+    assert st.config["options"]["dsas"]["pca_dim"] == 3 and st.config["options"]["dsas"]["acc_threshold"] == 0.5
+    assert st.steered == st.site_names  # threshold 0.5 keeps every site
+
+
+def test_sites_and_layers_options(model, tiny_tok, engine_sets):
+    st = dsas.fit(model, tiny_tok, engine_sets, sites="blocks", layers=[1], gate="none", progress=False)
+    assert st.site_names == ["model.layers.1"]
+    rows = st.report()
+    assert rows[0]["kind"] == "block" and rows[0]["shift_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (dsas.PromptSets([], ["a"], ["b"]), "source has 0 prompt"),
+        (dsas.PromptSets(["a city"], ["a river", "the sun"], ["x", "y"]), "source has 1 prompt"),
+        (dsas.PromptSets(["a", "b"], ["c", "d"], ["e"]), "control has 1 prompt"),
+        (dsas.PromptSets(["a", " "], ["c", "d"], ["e", "f"]), "empty prompt"),
+    ],
+)
+def test_bad_sets(model, tiny_tok, sets, match):
+    with pytest.raises(ValueError, match=match):
+        dsas.fit(model, tiny_tok, sets, progress=False)
+
+
+def test_control_not_needed_without_gate(model, tiny_tok):
+    sets = dsas.PromptSets(["you stupid idiot", "bad enemy"], ["nice kind friend", "good love"])
+    st = dsas.fit(model, tiny_tok, sets, gate="none", progress=False)
+    assert st.steered == st.site_names
+
+
+def test_unknown_names(model, tiny_tok, engine_sets):
+    with pytest.raises(ValueError, match="Unknown method 'cca'"):
+        dsas.fit(model, tiny_tok, engine_sets, method="cca")
+    with pytest.raises(ValueError, match="Unknown gate"):
+        dsas.fit(model, tiny_tok, engine_sets, gate="sometimes")
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['pca_dims'\]"):
+        dsas.fit(model, tiny_tok, engine_sets, pca_dims=3)
+    with pytest.raises(TypeError, match="must be a DSASConfig"):
+        dsas.fit(model, tiny_tok, engine_sets, dsas={"pca_dim": 3})
+    with pytest.raises(ValueError, match="Unknown site"):
+        dsas.fit(model, tiny_tok, engine_sets, sites=["model.layers.9.mlp"])
+
+
+def test_no_active_site_warns(model, tiny_tok):
+    same = ["the city river", "a history of music", "the king and the queen", "a market year"] * 3
+    sets = dsas.PromptSets(same, same, list(same))
+    with pytest.warns(UserWarning, match="changes nothing"):
+        st = dsas.fit(model, tiny_tok, sets, progress=False)
+    assert st.steered == []
+
+
+def test_strength_validation(model, tiny_tok, engine_sets):
+    st = dsas.fit(model, tiny_tok, engine_sets, gate="none", progress=False)
+    for bad in ([], [float("nan")]):
+        with pytest.raises(ValueError, match="strength"), st.apply(model, strength=bad):
+            pass

@@ -1,0 +1,92 @@
+"""The DSAS regulator: folding, accuracy modes, the accuracy gate and its policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dsas.gates import DSASConfig, SiteGate, _fit_pipe, fit_regulator, fold_pipeline
+
+
+def _planted(n=32, d=40, sep=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    src = torch.randn(n, d, generator=g) + sep * u
+    ctl = torch.randn(n, d, generator=g)
+    return src, ctl
+
+
+def test_folded_gate_equals_sklearn_predict_proba():
+    src, ctl = _planted(sep=1.5)
+    X = torch.cat([src, ctl]).double().numpy()
+    y = np.r_[np.ones(32), np.zeros(32)]
+    pipe = _fit_pipe(X, y, None, 5, 1.0)
+    w, b = fold_pipeline(pipe)
+    gate = SiteGate("sigmoid", torch.from_numpy(w).float(), b)
+    z = torch.randn(100, 40) * 2
+    ref = pipe.predict_proba(z.double().numpy())[:, 1]
+    np.testing.assert_allclose(gate.value(z).numpy(), ref, atol=1e-5, rtol=0)
+    fit = fit_regulator(src, ctl, DSASConfig())
+    np.testing.assert_allclose(fit.gate.value(z).numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_separable_site_is_active_and_noise_site_is_off():
+    src, ctl = _planted(sep=6.0)
+    good = fit_regulator(src, ctl, DSASConfig())
+    assert good.accuracy == 1.0 and good.active and good.steered
+    gs, gc = good.gate.value(src), good.gate.value(ctl)
+    assert gs.mean() > 0.95 and gc.mean() < 0.05 and gs.min() > gc.max()
+    noise = fit_regulator(*_planted(sep=0.0, seed=1), DSASConfig())
+    assert noise.accuracy < 0.75 and not noise.active and not noise.steered
+
+
+def test_inactive_policies_and_soft_gate():
+    src, ctl = _planted(sep=0.0, seed=1)
+    acc = fit_regulator(src, ctl, DSASConfig()).accuracy
+    van = fit_regulator(src, ctl, DSASConfig(inactive="vanilla"))
+    assert van.steered and van.gate.kind == "const" and van.gate.mult == 1.0
+    keep = fit_regulator(src, ctl, DSASConfig(inactive="keep"))
+    assert keep.steered and keep.gate.kind == "sigmoid"
+    soft = fit_regulator(src, ctl, DSASConfig(soft=True))
+    assert soft.gate.mult == pytest.approx(float(np.clip((acc - 0.5) / 0.25, 0, 1)))
+    assert soft.steered == (soft.gate.mult > 0)
+
+
+@pytest.mark.parametrize("mode", ["cv", "train", "holdout"])
+def test_accuracy_modes(mode):
+    src, ctl = _planted(sep=6.0)
+    assert fit_regulator(src, ctl, DSASConfig(acc_mode=mode)).accuracy == 1.0
+    src, ctl = _planted(sep=0.0, seed=2)
+    acc = fit_regulator(src, ctl, DSASConfig(acc_mode=mode)).accuracy
+    assert acc < 0.85 if mode != "train" else acc >= 0.5  # train accuracy is optimistic by design
+
+
+def test_token_features_group_cv():
+    g = torch.Generator().manual_seed(0)
+    u = torch.zeros(16)
+    u[0] = 5.0
+    src = [torch.randn(int(k), 16, generator=g) + u for k in torch.randint(3, 9, (20,), generator=g)]
+    ctl = [torch.randn(int(k), 16, generator=g) for k in torch.randint(3, 9, (20,), generator=g)]
+    fit = fit_regulator(src, ctl, DSASConfig(features="tokens"))
+    assert fit.accuracy > 0.95 and fit.active
+    assert fit.gate.value(torch.cat(src)).mean() > 0.9 > 0.1 > fit.gate.value(torch.cat(ctl)).mean()
+
+
+def test_temperature_and_offset_fold_in():
+    src, ctl = _planted(sep=2.0)
+    base = fit_regulator(src, ctl, DSASConfig())
+    warm = fit_regulator(src, ctl, DSASConfig(temperature=2.0, offset=1.0))
+    z = torch.randn(10, 40)
+    s = z @ base.gate.w + base.gate.b
+    torch.testing.assert_close(warm.gate.value(z), torch.sigmoid((s - 1.0) / 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_config_validation():
+    for bad in (dict(acc_mode="loo"), dict(features="max"), dict(inactive="on"), dict(pca_dim=0),
+                dict(acc_threshold=0.2), dict(temperature=0)):
+        with pytest.raises(ValueError, match="DSASConfig"):
+            DSASConfig(**bad)
+    with pytest.raises(ValueError, match="needs a weight"):
+        SiteGate("sigmoid")
