@@ -202,3 +202,38 @@ def left_tok():
     tok = make_tiny_tokenizer()
     tok.padding_side = "left"
     return tok
+
+
+# ---- smollm2 fixtures: the real embedded model, converted once per session (tests/test_models.py) ----
+# The first load dequantizes the GGUF and writes the safetensors cache (~30 s), so every slow test that needs
+# SmolLM2 should use `smollm2` (shared, do not modify it) rather than call dsas.models.load_model itself.
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir(tmp_path_factory):
+    """A fresh dsas cache for the session, so the first load really converts the GGUF."""
+    return tmp_path_factory.mktemp("dsas-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_first_load(smollm2_cache_dir):
+    """(model, tokenizer, seconds) of the first, converting load of the embedded model."""
+    import time
+
+    from dsas.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see `single_thread`: much faster than two contended threads on a shared box
+    try:
+        start = time.perf_counter()
+        model, tokenizer = load_model("smollm2-135m", cache_dir=smollm2_cache_dir)
+        return model, tokenizer, time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_first_load):
+    """(model, tokenizer): SmolLM2-135M-Instruct, fp32, CPU, eval mode, left padding. Shared: do not modify."""
+    model, tokenizer, _ = smollm2_first_load
+    return model, tokenizer

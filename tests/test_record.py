@@ -66,7 +66,7 @@ def test_nan_activations_are_refused(tiny_tok):
     bad = make_tiny_model("llama", len(tiny_tok))
     with torch.no_grad():
         bad.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="Non-finite.*float32 or bfloat16"):
+    with pytest.raises(ValueError, match=r"Non-finite.*float32 or bfloat16"):
         record(bad, tiny_tok, TEXTS, resolve_sites(bad), progress=False)
 
 

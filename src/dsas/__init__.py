@@ -6,10 +6,11 @@
 per-site, per-token gate. See README.md and docs/.
 """
 
-from dsas.data import PromptSets
+from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
 from dsas.fit import FitConfig, fit
 from dsas.gates import DSASConfig, SiteGate
 from dsas.maps import SiteMap
+from dsas.models import load_model
 from dsas.sites import Site, resolve_sites
 from dsas.steer import Trace
 from dsas.steerer import Steerer
@@ -24,6 +25,9 @@ __all__ = [
     "Steerer",
     "Trace",
     "fit",
+    "list_prompt_sets",
+    "load_model",
+    "load_prompt_sets",
     "resolve_sites",
 ]
 __version__ = "0.1.0"
