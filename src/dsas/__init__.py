@@ -10,7 +10,7 @@ from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
 from dsas.fit import FitConfig, fit
 from dsas.gates import DSASConfig, SiteGate
 from dsas.maps import SiteMap
-from dsas.models import load_model
+from dsas.models import ModelUnavailableError, load_model
 from dsas.sites import Site, resolve_sites
 from dsas.steer import Trace
 from dsas.steerer import Steerer
@@ -18,6 +18,7 @@ from dsas.steerer import Steerer
 __all__ = [
     "DSASConfig",
     "FitConfig",
+    "ModelUnavailableError",
     "PromptSets",
     "Site",
     "SiteGate",

@@ -1,9 +1,25 @@
-"""Prompt sets: the three sets DSAS is fitted on (source, target, control) plus held-out evaluation prompts."""
+"""Prompt sets: the three sets DSAS is fitted on (source, target, control) plus held-out evaluation prompts.
+
+Built-in sets ship as JSONL files beside this module (written for this project, not copied from a dataset);
+users bring their own as JSONL, CSV or a directory of text files. See `load_prompt_sets`.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import random
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_PROMPT_SETS", "PromptSets", "list_prompt_sets", "load_prompt_sets"]
+
+BUILTIN_PROMPT_SETS = ("toxicity", "concept")
+_FIT_SPLITS = ("source", "target", "control")
+_EVAL_PREFIX = "eval_"
 
 
 @dataclass
@@ -14,6 +30,8 @@ class PromptSets:
     target:  inputs that show the behaviour wanted; with `source`, they define the steering map.
     control: neutral inputs steering must leave untouched; negative class of the regulator.
     eval:    optional held-out prompts by name (e.g. {"toxic": [...], "neutral": [...]}), never used for fitting.
+    meta:    optional facts about the set (e.g. {"concept_word": "pear"}, or {"paired": True} when line i of
+             target rewrites line i of source, which `subsample` then keeps aligned).
     """
 
     source: list[str]
@@ -21,6 +39,7 @@ class PromptSets:
     control: list[str] = field(default_factory=list)
     eval: dict[str, list[str]] = field(default_factory=dict)
     name: str = "custom"
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, need_control: bool = True, min_size: int = 2) -> None:
         """Raise a ValueError naming the set and the fix if a set is empty, too small or not all strings."""
@@ -47,4 +66,168 @@ class PromptSets:
             rng.shuffle(xs)
             return xs[:n]
 
-        return PromptSets(pick(self.source), pick(self.target), pick(self.control), dict(self.eval), self.name)
+        if self.meta.get("paired") and len(self.source) == len(self.target):
+            # One permutation for both, so the i-th target still rewrites the i-th source.
+            order = list(range(len(self.source)))
+            rng.shuffle(order)
+            source = [self.source[i] for i in order[:n]]
+            target = [self.target[i] for i in order[:n]]
+        else:
+            source, target = pick(self.source), pick(self.target)
+        return PromptSets(source, target, pick(self.control), dict(self.eval), self.name, dict(self.meta))
+
+
+def list_prompt_sets() -> dict[str, str]:
+    """Built-in prompt set names with their one-line description."""
+    return {name: str(_read_builtin(name).meta.get("description", "")) for name in BUILTIN_PROMPT_SETS}
+
+
+def load_prompt_sets(name_or_path: str | Path, n: int | None = None, seed: int = 0) -> PromptSets:
+    """Load a built-in prompt set by name, or a user's set from a file or directory.
+
+    Accepted:
+      * a built-in name: see `list_prompt_sets()` ("toxicity", "concept");
+      * a `.jsonl` file, one object per line: {"split": "source", "text": "..."}; an optional line
+        {"meta": {...}} fills `PromptSets.meta`;
+      * a `.csv` file with `split` and `text` columns (other columns are ignored);
+      * a directory with `source.txt`, `target.txt`, `control.txt` (one prompt per line), optional
+        `eval_<name>.txt` files and an optional `meta.json`.
+    Splits are source, target, control (all required) and eval_<name> (held out, stored in
+    `PromptSets.eval[<name>]`). `n` keeps at most n prompts per fitting set, drawn with `seed`; eval splits
+    are kept whole. Raises ValueError naming the problem and the fix.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"n must be a positive number of prompts per set (or None for all), got {n}.")
+    sets = _load(name_or_path)
+    return sets.subsample(n, seed) if n is not None else sets
+
+
+def _load(name_or_path: str | Path) -> PromptSets:
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_PROMPT_SETS:
+        return _read_builtin(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _read_dir(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path.read_text(encoding="utf-8"), origin=str(path), name=path.stem)
+        if suffix == ".csv":
+            return _read_csv(path)
+        raise ValueError(
+            f"Cannot read prompt sets from '{path}': unsupported file type '{suffix}'. Use a .jsonl file "
+            '(lines {"split": ..., "text": ...}), a .csv file with split,text columns, or a directory with '
+            "source.txt, target.txt and control.txt."
+        )
+    raise ValueError(
+        f"Unknown prompt set '{name_or_path}': it is not a built-in name ({', '.join(BUILTIN_PROMPT_SETS)}) "
+        "and no such file or directory exists. Pass a built-in name, or the path of a .jsonl file, a .csv "
+        "file or a directory of source.txt / target.txt / control.txt."
+    )
+
+
+def _read_builtin(name: str) -> PromptSets:
+    text = resources.files(__name__).joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+    return _read_jsonl(text, origin=f"built-in set '{name}'", name=name)
+
+
+def _read_jsonl(text: str, origin: str, name: str) -> PromptSets:
+    rows: list[tuple[str, str, str]] = []
+    meta: dict[str, Any] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{origin}, line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{where} is not valid JSON ({err.msg}). Each line must be one JSON object."
+            ) from err
+        if isinstance(obj, dict) and set(obj) == {"meta"} and isinstance(obj["meta"], dict):
+            meta.update(obj["meta"])
+            continue
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("split"), str)
+            or not isinstance(obj.get("text"), str)
+        ):
+            raise ValueError(
+                f'{where} must be an object with string fields "split" and "text", e.g. '
+                '{"split": "source", "text": "..."}.'
+            )
+        rows.append((obj["split"], obj["text"], where))
+    return _assemble(rows, origin, name, meta)
+
+
+def _read_csv(path: Path) -> PromptSets:
+    # utf-8-sig: spreadsheets often write a byte-order mark that would otherwise glue itself to "split".
+    text = path.read_text(encoding="utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = {c.strip().lower(): c for c in reader.fieldnames or [] if c is not None}
+    if "split" not in columns or "text" not in columns:
+        raise ValueError(
+            f"{path} needs a header row with 'split' and 'text' columns (found: {sorted(columns) or 'none'}). "
+            "Write e.g. 'split,text' as the first line."
+        )
+    rows = [
+        ((row.get(columns["split"]) or "").strip(), row.get(columns["text"]) or "", f"{path}, row {i}")
+        for i, row in enumerate(reader, start=2)
+    ]
+    return _assemble(rows, str(path), path.stem, {})
+
+
+def _read_dir(path: Path) -> PromptSets:
+    rows: list[tuple[str, str, str]] = []
+    for file in sorted(path.glob("*.txt")):
+        split = file.stem
+        if split not in _FIT_SPLITS and not split.startswith(_EVAL_PREFIX):
+            continue  # a README.txt or notes beside the sets is fine
+        lines = file.read_text(encoding="utf-8").splitlines()
+        texts = [t for t in lines if t.strip()]
+        if not texts:
+            raise ValueError(f"{file} is empty. Put one prompt per line in it, or delete the file.")
+        rows.extend((split, t, f"{file}, line {i}") for i, t in enumerate(lines, start=1) if t.strip())
+    meta: dict[str, Any] = {}
+    meta_file = path / "meta.json"
+    if meta_file.is_file():
+        loaded = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            raise ValueError(f'{meta_file} must hold a JSON object, e.g. {{"concept_word": "pear"}}.')
+        meta = loaded
+    return _assemble(rows, str(path), path.name, meta, files=True)
+
+
+def _assemble(
+    rows: list[tuple[str, str, str]], origin: str, name: str, meta: dict[str, Any], files: bool = False
+) -> PromptSets:
+    """Group (split, text, where) rows into PromptSets, rejecting unknown splits and missing fitting sets."""
+    if not rows:
+        raise ValueError(
+            f"{origin} holds no prompts. Add source, target and control prompts "
+            f"(built-in sets to start from: {', '.join(BUILTIN_PROMPT_SETS)})."
+        )
+    fit: dict[str, list[str]] = {s: [] for s in _FIT_SPLITS}
+    evals: dict[str, list[str]] = {}
+    for split, raw, where in rows:
+        text = raw.strip()
+        if not text:
+            raise ValueError(f"{where} has an empty text. Remove the line or fill it in.")
+        if split in fit:
+            fit[split].append(text)
+        elif split.startswith(_EVAL_PREFIX) and len(split) > len(_EVAL_PREFIX):
+            evals.setdefault(split[len(_EVAL_PREFIX) :], []).append(text)
+        else:
+            raise ValueError(
+                f"{where} has split '{split}'. Splits are source, target, control, or eval_<name> for "
+                "held-out prompts (e.g. eval_toxic)."
+            )
+    missing = [s for s in _FIT_SPLITS if not fit[s]]
+    if missing:
+        raise ValueError(
+            f"{origin} has no {' / '.join(missing)} prompts. A prompt set needs all of source (behaviour to "
+            "remove), target (behaviour wanted) and control (neutral text the gate learns to leave alone); "
+            f"add {' and '.join(f'{s}.txt' for s in missing) if files else 'the missing split(s)'}. "
+            f"Built-in sets: {', '.join(BUILTIN_PROMPT_SETS)}."
+        )
+    return PromptSets(fit["source"], fit["target"], fit["control"], evals, name, meta)

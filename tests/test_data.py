@@ -1,0 +1,251 @@
+"""Prompt sets: the shipped sets (sizes, disjointness, content) and the user-file loaders (formats, errors)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dsas.data import BUILTIN_PROMPT_SETS, PromptSets, list_prompt_sets, load_prompt_sets
+
+PEAR = re.compile(r"\bpears?\b", re.IGNORECASE)
+
+
+# ---- shipped sets ----
+
+
+def test_list_prompt_sets_names_every_shipped_file():
+    listed = list_prompt_sets()
+    assert set(listed) == set(BUILTIN_PROMPT_SETS) == {"toxicity", "concept"}
+    assert all(desc for desc in listed.values())
+    data_dir = Path(__file__).resolve().parents[1] / "src" / "dsas" / "data"
+    assert {p.stem for p in data_dir.glob("*.jsonl")} == set(BUILTIN_PROMPT_SETS)
+
+
+@pytest.mark.parametrize(
+    ("name", "evals", "min_eval"),
+    [("toxicity", {"toxic", "neutral"}, 200), ("concept", {"fruit", "other"}, 100)],
+)
+def test_builtin_sizes_and_eval_splits(name, evals, min_eval):
+    sets = load_prompt_sets(name)
+    assert sets.name == name
+    for split in (sets.source, sets.target, sets.control):
+        assert len(split) >= 64  # enough for a seed to resample the paper's 32
+        assert len(set(split)) == len(split)
+    assert set(sets.eval) == evals
+    assert all(len(v) >= min_eval and len(set(v)) == len(v) for v in sets.eval.values())
+    sets.validate()
+    assert sets.meta.get("paired") is True and len(sets.source) == len(sets.target)
+
+
+@pytest.mark.parametrize("name", BUILTIN_PROMPT_SETS)
+def test_builtin_eval_prompts_never_appear_in_fitting_sets(name):
+    sets = load_prompt_sets(name)
+    fit = set(sets.source) | set(sets.target) | set(sets.control)
+    all_eval = [t for v in sets.eval.values() for t in v]
+    assert not fit & set(all_eval)
+    assert len(set(all_eval)) == len(all_eval)  # no prompt is in two eval splits either
+    assert not set(sets.source) & set(sets.target)
+    assert not (set(sets.source) | set(sets.target)) & set(sets.control)
+
+
+def test_concept_set_records_its_word_and_uses_it_only_in_target():
+    sets = load_prompt_sets("concept")
+    word = sets.meta["concept_word"]
+    assert word == "pear"
+    assert all(PEAR.search(t) for t in sets.target)
+    for split in (sets.source, sets.control, sets.eval["fruit"], sets.eval["other"]):
+        assert not any(PEAR.search(t) for t in split)
+
+
+def test_toxicity_set_is_lexically_separated_by_the_default_scorer():
+    """The default scorer (profanity_check) must see the source as toxic and target/control as clean, or the
+    set cannot drive a detoxification experiment."""
+    profanity_check = pytest.importorskip("profanity_check")
+    sets = load_prompt_sets("toxicity")
+    means = {k: float(profanity_check.predict_prob(v).mean()) for k, v in
+             {"source": sets.source, "target": sets.target, "control": sets.control,
+              "toxic": sets.eval["toxic"], "neutral": sets.eval["neutral"]}.items()}  # fmt: skip
+    assert means["source"] > 0.7
+    assert means["target"] < 0.15 and means["control"] < 0.15 and means["neutral"] < 0.15
+    assert means["toxic"] > 3 * means["neutral"]
+
+
+# ---- subsampling ----
+
+
+def test_subsample_is_seeded_deterministic_and_bounded():
+    a = load_prompt_sets("toxicity", n=32, seed=3)
+    b = load_prompt_sets("toxicity", n=32, seed=3)
+    c = load_prompt_sets("toxicity", n=32, seed=4)
+    full = load_prompt_sets("toxicity")
+    assert (a.source, a.target, a.control) == (b.source, b.target, b.control)
+    assert a.source != c.source
+    assert len(a.source) == len(a.target) == len(a.control) == 32
+    assert set(a.source) <= set(full.source) and set(a.control) <= set(full.control)
+    assert a.eval == full.eval  # held-out prompts are never subsampled
+    assert a.meta == full.meta
+
+
+def test_paired_subsample_keeps_rewrites_aligned():
+    full = load_prompt_sets("concept")
+    pair = dict(zip(full.source, full.target, strict=True))
+    sub = load_prompt_sets("concept", n=20, seed=7)
+    assert [pair[s] for s in sub.source] == sub.target
+
+
+def test_unpaired_subsample_shuffles_source_and_target_independently():
+    sets = PromptSets(
+        [f"s{i}" for i in range(50)], [f"t{i}" for i in range(50)], [f"c{i}" for i in range(50)]
+    )
+    sub = sets.subsample(10, seed=0)
+    assert [s[1:] for s in sub.source] != [t[1:] for t in sub.target]
+
+
+def test_n_larger_than_the_set_keeps_everything():
+    sub = load_prompt_sets("concept", n=10_000, seed=0)
+    full = load_prompt_sets("concept")
+    assert sorted(sub.control) == sorted(full.control)
+
+
+def test_bad_n_is_rejected():
+    with pytest.raises(ValueError, match="positive"):
+        load_prompt_sets("toxicity", n=0)
+
+
+# ---- user files ----
+
+
+def _rows() -> list[tuple[str, str]]:
+    return [
+        ("source", "you are awful"),
+        ("source", "what an idiot"),
+        ("target", "you are kind"),
+        ("target", "what a friend"),
+        ("control", "the river is long"),
+        ("control", "rain falls in spring"),
+        ("eval_toxic", "shut up, you"),
+        ("eval_neutral", "the recipe calls for"),
+    ]
+
+
+def _check_user_sets(sets: PromptSets, name: str) -> None:
+    assert sets.name == name
+    assert sets.source == ["you are awful", "what an idiot"]
+    assert sets.target == ["you are kind", "what a friend"]
+    assert sets.control == ["the river is long", "rain falls in spring"]
+    assert sets.eval == {"toxic": ["shut up, you"], "neutral": ["the recipe calls for"]}
+
+
+def test_jsonl_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"meta": {"concept_word": "kindness"}})]
+    lines += [json.dumps({"split": s, "text": t}) for s, t in _rows()]
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # a blank line is fine
+    sets = load_prompt_sets(path)
+    _check_user_sets(sets, "mine")
+    assert sets.meta == {"concept_word": "kindness"}
+    assert load_prompt_sets(str(path)).source == sets.source  # str paths work too
+
+
+def test_csv_file_with_bom_extra_columns_and_quoted_commas(tmp_path):
+    path = tmp_path / "mine.csv"
+    body = "split,text,notes\n" + "".join(f'{s},"{t}",x\n' for s, t in _rows())
+    path.write_text("\ufeff" + body, encoding="utf-8")
+    _check_user_sets(load_prompt_sets(path), "mine")
+
+
+def test_directory_of_text_files(tmp_path):
+    d = tmp_path / "myset"
+    d.mkdir()
+    by_split: dict[str, list[str]] = {}
+    for s, t in _rows():
+        by_split.setdefault(s, []).append(t)
+    for split, texts in by_split.items():
+        (d / f"{split}.txt").write_text("\n".join(texts) + "\n\n")
+    (d / "README.txt").write_text("notes, not a split\n")
+    (d / "meta.json").write_text(json.dumps({"concept_word": "kind"}))
+    sets = load_prompt_sets(d)
+    _check_user_sets(sets, "myset")
+    assert sets.meta == {"concept_word": "kind"}
+
+
+# ---- errors name the problem and the fix ----
+
+
+def test_unknown_name_lists_builtins():
+    with pytest.raises(ValueError, match=r"toxicty.*toxicity, concept"):
+        load_prompt_sets("toxicty")
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "sets.txt"
+    path.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'.*\.jsonl"):
+        load_prompt_sets(path)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_empty_file(tmp_path, ext):
+    path = tmp_path / f"empty.{ext}"
+    path.write_text("split,text\n" if ext == "csv" else "")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompt_sets(path)
+
+
+def test_missing_split_is_named(tmp_path):
+    path = tmp_path / "nocontrol.jsonl"
+    path.write_text("".join(json.dumps({"split": s, "text": t}) + "\n" for s, t in _rows() if s != "control"))
+    with pytest.raises(ValueError, match=r"no control prompts.*add the missing split"):
+        load_prompt_sets(path)
+
+
+def test_directory_missing_files_names_them(tmp_path):
+    (tmp_path / "source.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"target\.txt and control\.txt"):
+        load_prompt_sets(tmp_path)
+
+
+def test_empty_text_file_in_directory(tmp_path):
+    for split in ("source", "target", "control"):
+        (tmp_path / f"{split}.txt").write_text("x\n")
+    (tmp_path / "eval_toxic.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"eval_toxic\.txt is empty"):
+        load_prompt_sets(tmp_path)
+
+
+def test_unknown_split(tmp_path):
+    path = tmp_path / "typo.jsonl"
+    path.write_text(json.dumps({"split": "sorce", "text": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1 has split 'sorce'.*eval_<name>"):
+        load_prompt_sets(path)
+
+
+def test_bad_json_line_is_located(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({"split": "source", "text": "ok"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        load_prompt_sets(path)
+
+
+def test_jsonl_line_without_text(tmp_path):
+    path = tmp_path / "notext.jsonl"
+    path.write_text(json.dumps({"split": "source", "prompt": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r'line 1 must be an object with string fields "split" and "text"'):
+        load_prompt_sets(path)
+
+
+def test_csv_without_header(tmp_path):
+    path = tmp_path / "noheader.csv"
+    path.write_text("source,hello\ntarget,bye\n")
+    with pytest.raises(ValueError, match="'split' and 'text' columns"):
+        load_prompt_sets(path)
+
+
+def test_csv_empty_text_cell(tmp_path):
+    path = tmp_path / "blank.csv"
+    path.write_text("split,text\nsource,\n")
+    with pytest.raises(ValueError, match="row 2 has an empty text"):
+        load_prompt_sets(path)
