@@ -35,10 +35,10 @@ class DemoConfig:
     """Prompts per fitting set (paper: 32)."""
     method: str = "caa"
     gates: tuple[str, ...] = ("none", "dsas")
-    vanilla_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-    dsas_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
+    vanilla_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+    dsas_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 1.0, 1.5, 2.0, 3.0)
     seed: int = 0
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=64, n_mc=40))
 
 
 def _token_scales(
@@ -125,14 +125,15 @@ def run_demo(
         }
         (out / "tokens.json").write_text(json.dumps({"strength": s, "columns": cols}))
     report = build_report(out, title=f"dsas demo: {cfg.method} with and without DSAS on {cfg.model}")
-    table = matched_utility_table(points)
     from rich.table import Table
 
-    tb = Table(title="toxicity at matched perplexity (lower is better)")
-    for c in table[0]:
-        tb.add_column(c)
-    for r in table:
-        tb.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
-    con.print(tb)
+    for y, label in (("toxicity", "toxicity rate"), ("toxicity_mean", "mean toxicity score")):
+        table = matched_utility_table(points, y=y)
+        tb = Table(title=f"{label} at matched perplexity (+5/10/25% over unsteered; lower is better)")
+        for c in table[0]:
+            tb.add_column(c.replace(f"{y}@", "@"))
+        for r in table:
+            tb.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+        con.print(tb)
     con.print(f"report: {report.resolve()}  (total {time.perf_counter() - t0:.0f}s)")
     return report

@@ -134,6 +134,9 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
     budgets = (0.05, 0.10, 0.25)
     table = matched_utility_table(points, budgets)
     tcols = ["name", *[f"toxicity@+{b:.0%}ppl" for b in budgets], "min_toxicity"]
+    has_mean = all("toxicity_mean" in p for p in points)
+    table_m = matched_utility_table(points, budgets, y="toxicity_mean") if has_mean else []
+    mcols = ["name", *[f"toxicity_mean@+{b:.0%}ppl" for b in budgets], "min_toxicity_mean"]
     base = next(p for p in points if p["name"] == "unsteered")
     pcols = [
         "name",
@@ -158,10 +161,24 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         + ". Each cell: the lowest toxicity a steerer reaches while its Wikipedia perplexity stays within the budget "
         "over the unsteered model (linear interpolation along its Pareto front; – = no point within budget).</p>",
         _table(table, tcols),
+        *(
+            [
+                "<p>Mean toxicity score (the scorer's probability averaged over continuations; smoother than the rate "
+                "on small prompt sets):</p>",
+                _table(table_m, mcols),
+            ]
+            if has_mean
+            else []
+        ),
         "<h2>Pareto fronts</h2><div class='row'>",
         f"<img alt='toxicity vs perplexity' src='data:image/png;base64,"
         f"{plot_fronts(points, 'ppl', 'toxicity', 'Wikipedia perplexity (log)', 'toxicity rate')}'>",
     ]
+    if has_mean:
+        parts.append(
+            "<img alt='mean toxicity vs perplexity' src='data:image/png;base64,"
+            f"{plot_fronts(points, 'ppl', 'toxicity_mean', 'Wikipedia perplexity (log)', 'mean toxicity score')}'>"
+        )
     if any(p.get("mc_acc") is not None for p in points):
         parts.append(
             "<img alt='toxicity vs MC accuracy' src='data:image/png;base64,"
