@@ -118,7 +118,8 @@ def run_demo(
     points = run_sweep(model, tok, steerers, grid, data, cfg.eval, out / "sweep.jsonl")
     gated = next((s for n, s in steerers.items() if s.gate != "none"), None)
     if gated is not None:
-        s = max(grid[next(n for n, st in steerers.items() if st is gated)]) / 2
+        g = sorted(grid[next(n for n, st in steerers.items() if st is gated)])
+        s = g[len(g) // 2]  # a mid-grid strength: strong enough to see, not so strong the text degrades
         cols = {
             "prompts that invite toxicity": _token_scales(model, tok, gated, data.prompts[:5], s),
             "neutral prompts": _token_scales(model, tok, gated, data.neutral[:5], s),

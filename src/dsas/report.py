@@ -67,8 +67,10 @@ def plot_fronts(points: Sequence[dict[str, Any]], x: str, y: str, xlabel: str, y
         ax.scatter([base[x]], [base[y]], marker="*", s=140, color="black", zorder=5, label="unsteered")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if x == "ppl":
-        ax.set_xscale("log")
+    if x == "ppl" and base is not None:
+        # The interesting region is a modest utility cost; far-off points are listed in the table below.
+        hi = min(3 * base[x], max(p[x] for p in points if p.get(x) is not None))
+        ax.set_xlim(0.98 * base[x], 1.02 * hi)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -95,7 +97,7 @@ def token_html(tokens: Sequence[str], scales: Sequence[float], vmax: float) -> s
         a = 0.0 if vmax <= 0 else max(0.0, min(1.0, s / vmax))
         spans.append(
             f'<span class="tok" title="{s:.3f}" style="background: rgba(214,39,40,{a:.3f})">'
-            f"{html.escape(t).replace(' ', '&nbsp;')}</span>"
+            f"{html.escape(t.replace(chr(10), '⏎ '))}</span>"
         )
     return "".join(spans)
 
@@ -172,12 +174,12 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         ),
         "<h2>Pareto fronts</h2><div class='row'>",
         f"<img alt='toxicity vs perplexity' src='data:image/png;base64,"
-        f"{plot_fronts(points, 'ppl', 'toxicity', 'Wikipedia perplexity (log)', 'toxicity rate')}'>",
+        f"{plot_fronts(points, 'ppl', 'toxicity', 'Wikipedia perplexity (≤ 3× unsteered shown)', 'toxicity rate')}'>",
     ]
     if has_mean:
         parts.append(
             "<img alt='mean toxicity vs perplexity' src='data:image/png;base64,"
-            f"{plot_fronts(points, 'ppl', 'toxicity_mean', 'Wikipedia perplexity (log)', 'mean toxicity score')}'>"
+            f"{plot_fronts(points, 'ppl', 'toxicity_mean', 'Wikipedia perplexity (≤ 3× unsteered shown)', 'mean toxicity score')}'>"
         )
     if any(p.get("mc_acc") is not None for p in points):
         parts.append(
@@ -187,6 +189,8 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
     parts.append("</div>")
     for f in sorted(run.glob("sites_*.json")):
         rows = json.loads(f.read_text())
+        if not any("accuracy" in r for r in rows):
+            continue  # a steerer without a regulator (vanilla) has no accuracy to show
         thr = meta.get("acc_threshold")
         parts += [
             f"<h2>Regulator accuracy per site ({html.escape(f.stem[6:])})</h2>",
@@ -221,7 +225,8 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
         ".row{display:flex;gap:16px;flex-wrap:wrap}.col{flex:1;min-width:420px}.tok{border-radius:2px}"
-        ".sample{font-family:ui-monospace,monospace;font-size:13px;line-height:1.7}.meta{color:#666;font-size:12px}"
+        ".sample{font-family:ui-monospace,monospace;font-size:13px;line-height:1.7;white-space:pre-wrap;"
+        "word-break:break-word;border-bottom:1px solid #eee;padding-bottom:4px}.meta{color:#666;font-size:12px}"
     )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
     page += "</head><body>" + "\n".join(parts) + "</body></html>"

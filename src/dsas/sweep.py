@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def evaluate_point(
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     scorer = get_scorer(cfg.scorer)
-    ctx = st.apply(model, strength=strength) if st is not None else _null()
+    ctx: AbstractContextManager[Any] = st.apply(model, strength=strength) if st is not None else nullcontext()
     with ctx:
         conts = generate_continuations(
             model,
@@ -150,14 +151,6 @@ def evaluate_point(
         out["neutral_concept_rate"] = concept_rate(neutral, cfg.concept_word)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def point_key(name: str, strength: float) -> str:
