@@ -144,6 +144,7 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         "name",
         "strength",
         "toxicity",
+        "toxicity_mean",
         "neutral_toxicity",
         "ppl",
         "mc_acc",
@@ -239,6 +240,8 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         "",
         markdown_table(table, tcols),
     ]
+    if has_mean:
+        md += ["", "Mean toxicity score at matched perplexity budget:", "", markdown_table(table_m, mcols)]
     md += ["", "All points:", "", markdown_table(points, [c for c in pcols if c != "samples"])]
     (run / "summary.md").write_text("\n".join(md) + "\n")
     return out
