@@ -8,22 +8,28 @@ per-site, per-token gate. See README.md and docs/.
 
 from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
 from dsas.fit import FitConfig, fit
-from dsas.gates import DSASConfig, SiteGate
-from dsas.maps import SiteMap
+from dsas.gates import DSASConfig, SiteGate, ThresholdConfig
+from dsas.maps import ITIConfig, LinearActConfig, SiteMap
 from dsas.models import ModelUnavailableError, load_model
 from dsas.sites import Site, resolve_sites
 from dsas.steer import Trace
 from dsas.steerer import Steerer
+from dsas.train import E2EConfig, LinEASConfig
 
 __all__ = [
     "DSASConfig",
+    "E2EConfig",
     "FitConfig",
+    "ITIConfig",
+    "LinEASConfig",
+    "LinearActConfig",
     "ModelUnavailableError",
     "PromptSets",
     "Site",
     "SiteGate",
     "SiteMap",
     "Steerer",
+    "ThresholdConfig",
     "Trace",
     "fit",
     "list_prompt_sets",

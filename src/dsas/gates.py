@@ -209,3 +209,94 @@ def fit_regulator(
     }
     steered = active or cfg.inactive in ("vanilla", "keep") or (cfg.soft and mult > 0)
     return RegulatorFit(gate, acc, bool(active), bool(steered), stats)
+
+
+# ---- CAST-style threshold gate (a baseline) --------------------------------------------------------------
+
+THRESHOLD_DIRECTIONS = ("pc1", "mean")
+
+
+@dataclass
+class ThresholdConfig:
+    """Options of the CAST-style condition (Lee et al., 2024): a binary, prompt-level decision, a baseline."""
+
+    site: str | None = None
+    """Condition site (a module name); None: the output of the middle decoder block. Saved resolved."""
+    direction: str = "pc1"
+    """"pc1": first principal axis (uncentred) of paired source − control token-mean differences, as CAST;
+    "mean": mean(source) − mean(control)."""
+    holdout: float = 0.25
+    """Fraction of source and control prompts (stratified, seeded by FitConfig.seed) on which the threshold
+    is chosen by F1; the direction is fitted on the rest."""
+
+    def __post_init__(self) -> None:
+        if self.direction not in THRESHOLD_DIRECTIONS:
+            raise ValueError(
+                f"ThresholdConfig.direction={self.direction!r} is not one of {THRESHOLD_DIRECTIONS}."
+            )
+        if not 0 < self.holdout < 1:
+            raise ValueError("ThresholdConfig.holdout must lie in (0, 1).")
+
+
+def condition_scores(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of token-mean activations [n, d] with the condition direction -> [n]."""
+    x = x.double()
+    d = direction.double()
+    return (x @ d) / (x.norm(dim=-1) * d.norm()).clamp_min(1e-12)
+
+
+def _f1(pred: np.ndarray, y: np.ndarray) -> float:
+    tp = float((pred & y).sum())
+    fp = float((pred & ~y).sum())
+    fn = float((~pred & y).sum())
+    return tp / max(tp + 0.5 * (fp + fn), 1e-12)
+
+
+def fit_threshold(
+    source: torch.Tensor, control: torch.Tensor, cfg: ThresholdConfig, seed: int = 0
+) -> tuple[torch.Tensor, float, dict[str, Any]]:
+    """Condition direction (unit vector) and cosine threshold from token-means [n, d] at the condition site.
+
+    The prompt "fires" (is steered) when cos(t̄, direction) >= threshold. The threshold maximises F1 (source
+    positive) on held-out prompts; ties go to the higher F1 on the fitting prompts, then to the middle of the
+    tied range, the widest margin available.
+    """
+    src, ctl = source.double(), control.double()
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for n in (len(src), len(ctl)):
+        k = min(max(1, round(cfg.holdout * n)), n - 1)
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n, generator=gen)[:k]] = True
+        held.append(m)
+    s_tr, c_tr = src[~held[0]], ctl[~held[1]]
+    if cfg.direction == "mean":
+        direction = s_tr.mean(0) - c_tr.mean(0)
+    else:
+        k = min(len(s_tr), len(c_tr))
+        diffs = (
+            s_tr[torch.randperm(len(s_tr), generator=gen)[:k]]
+            - c_tr[torch.randperm(len(c_tr), generator=gen)[:k]]
+        )
+        direction = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+        if direction @ diffs.mean(0) < 0:
+            direction = -direction
+    direction = direction / direction.norm().clamp_min(1e-12)
+    x = torch.cat([src, ctl])
+    y = np.concatenate([np.ones(len(src), bool), np.zeros(len(ctl), bool)])
+    test = torch.cat(held).numpy()
+    scores = condition_scores(x, direction).numpy()
+    u = np.unique(scores)
+    cands = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-6]])
+    keys = [(_f1(scores[test] >= t, y[test]), _f1(scores[~test] >= t, y[~test])) for t in cands]
+    best = max(keys)
+    tied = [t for t, k in zip(cands, keys, strict=True) if k == best]
+    threshold = float(tied[len(tied) // 2])
+    fire = scores >= threshold
+    stats = {
+        "condition_f1_holdout": best[0],
+        "condition_f1_fit": best[1],
+        "condition_fire_source": float(fire[y].mean()),
+        "condition_fire_control": float(fire[~y].mean()),
+    }
+    return direction.float(), threshold, stats

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap
@@ -22,15 +23,16 @@ from dsas.sites import Site, get_module, output_tensor, replace_output
 
 @dataclass
 class SiteParams:
-    """Everything the hook of one site needs, already on the activation's device, fp32."""
+    """Everything the hook of one site needs, already on the activation's device, fp32. `b` and `mult` are 0-d
+    tensors when they come from a `_Pack` (compiled path), floats otherwise."""
 
     shift: torch.Tensor
     scale: torch.Tensor | None
     lo: torch.Tensor | None
     hi: torch.Tensor | None
     w: torch.Tensor | None
-    b: float
-    mult: float
+    b: float | torch.Tensor
+    mult: float | torch.Tensor
     relu: bool
 
     @classmethod
@@ -43,12 +45,39 @@ class SiteParams:
         w = mv(g.w) if g.kind != "const" else None
         return cls(shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu")
 
+    def fold(self, lam: torch.Tensor, ndim: int) -> Folded:
+        """These parameters with lam * mult folded into Δ, for token activations of `ndim` dims ([B, d] or
+        [B, T, d]). lam: [B] fp32 on the device, or [1] when every row shares one strength."""
+        k = lam * self.mult
+        k = k.view(-1, *([1] * (ndim - 1))) if k.numel() > 1 else k.reshape(())
+        shift = (k * self.shift).contiguous()
+        scale = None if self.scale is None else (k * self.scale).contiguous()
+        w = None if self.w is None else self.w.view(1, -1)
+        b = torch.full((1,), float(self.b), dtype=torch.float32, device=self.shift.device)
+        return Folded(shift, scale, self.lo, self.hi, w, b, self.relu)
+
+
+@dataclass
+class Folded:
+    """One site's parameters for one batch shape, with the strength folded into the displacement."""
+
+    shift: torch.Tensor
+    """lam * mult * shift: [d], or [B, 1.., d] with one strength per row."""
+    scale: torch.Tensor | None
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    w: torch.Tensor | None
+    """The gate vector as a [1, d] `linear` weight."""
+    b: torch.Tensor
+    """The gate bias as a [1] `linear` bias."""
+    relu: bool
+
 
 def steer_tensor(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the rule to one site output. h: [B, T, d], [B, d] or [B, C, H, W] (channels = d).
 
     lam: [B] fp32 strengths. Returns (h', a) with a = lam * g of shape h'.shape minus the feature dim.
-    Math in fp32, cast back to h's dtype.
+    Math in fp32, cast back to h's dtype. This is the reference; `steer_folded` is the eager fast path.
     """
     chan_first = h.dim() == 4
     z = (h.movedim(1, -1) if chan_first else h).float()
@@ -65,6 +94,26 @@ def steer_tensor(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[tor
         delta = torch.where((z >= p.lo) & (z <= p.hi), delta, 0.0)
     y = torch.addcmul(z, a.unsqueeze(-1), delta).to(h.dtype)
     return (y.movedim(-1, 1) if chan_first else y), a
+
+
+def steer_folded(h: torch.Tensor, f: Folded) -> torch.Tensor:
+    """The rule for token activations h [B, T, d] / [B, d], eager and untraced, with lam * mult folded into `f`:
+    y = z + phi(w . z + b) * (lam mult Δ(z)). A CAA + DSAS site is three kernels (gate as a [d -> 1] linear
+    layer, in-place sigmoid, addcmul), vanilla CAA one add; no fp32 round trip for fp32 activations (bf16 ones
+    add an upcast and a cast back, except vanilla CAA, whose add upcasts in-kernel)."""
+    if f.w is None and f.scale is None and f.lo is None:
+        y = h + f.shift  # a bf16 / fp16 h is promoted to fp32 inside the add: no separate upcast kernel
+        return y if y.dtype == h.dtype else y.to(h.dtype)
+    z = h.float()  # h itself when h is fp32
+    delta = f.shift if f.scale is None else torch.addcmul(f.shift, z, f.scale)
+    if f.lo is not None and f.hi is not None:
+        delta = torch.where((z >= f.lo) & (z <= f.hi), delta, 0.0)
+    if f.w is None:
+        y = z + delta
+    else:
+        g = F.linear(z, f.w, f.b)  # [..., 1]: w . z + b
+        y = torch.addcmul(z, g.relu_() if f.relu else g.sigmoid_(), delta)
+    return y if y.dtype == h.dtype else y.to(h.dtype)
 
 
 @dataclass
@@ -110,46 +159,190 @@ class _State:
         self.expand = expand
         self.trace = trace
         self._lam_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._lam_dev: dict[torch.device, torch.Tensor] = {}
+        self.packs: list[_Pack] = []
+
+    def prepare(self, device: torch.device) -> None:
+        """Move the strengths to `device` before any forward pass, so a compiled graph finds them there."""
+        if device not in self._lam_dev:
+            self._lam_dev[device] = self.lam.to(device=device, dtype=torch.float32).contiguous()
 
     def lam_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        """[batch] fp32 strengths on `device` (cached eagerly; recomputed inside a compiled graph, where the
+        cache's mutation would cost a recompile)."""
+        if torch.compiler.is_compiling():
+            return self._rows(self._lam_dev.get(device, self.lam).to(device), batch)
         key = (batch, device)
         lam = self._lam_cache.get(key)
         if lam is None:
-            n = self.lam.numel()
-            if n == 1 or n == batch:
-                lam = self.lam.expand(batch) if n == 1 else self.lam
-            elif batch % n == 0:
-                # generate() repeats rows for beams / num_return_sequences (interleave); CFG concatenates (tile).
-                k = batch // n
-                lam = self.lam.repeat_interleave(k) if self.expand == "interleave" else self.lam.repeat(k)
-            else:
-                raise ValueError(
-                    f"strength has {n} values but the batch has {batch} rows: pass one float, or one strength "
-                    "per prompt (per batch row)."
-                )
-            lam = lam.to(device=device, dtype=torch.float32).contiguous()
+            lam = self._rows(self.lam, batch).to(device=device, dtype=torch.float32).contiguous()
             self._lam_cache[key] = lam
         return lam
 
+    def _rows(self, lam: torch.Tensor, batch: int) -> torch.Tensor:
+        n = lam.numel()
+        if n == 1:
+            return lam.expand(batch)
+        if n == batch:
+            return lam
+        if batch % n == 0:
+            # generate() repeats rows for beams / num_return_sequences (interleave); CFG concatenates (tile).
+            k = batch // n
+            return lam.repeat_interleave(k) if self.expand == "interleave" else lam.repeat(k)
+        raise ValueError(
+            f"strength has {n} values but the batch has {batch} rows: pass one float, or one strength "
+            "per prompt (per batch row)."
+        )
 
-def _make_hook(site: Site, m: SiteMap, g: SiteGate, state: _State) -> Any:
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return None
+
+
+FAST_EAGER = True
+"""Eager hooks take the folded fast path (`steer_folded`); False runs the reference `steer_tensor` everywhere
+(what every hook ran before the fast path existed: benchmarks/bench_generate.py --reference measures both)."""
+
+
+@dataclass
+class _Pack:
+    """The parameters of every site of one (device, width) in one fp32 tensor [sites, 5 d + 2]: per row shift, w,
+    scale, lo, hi, then b and mult. Under torch.compile the hooks slice their row inside the graph, so all sites
+    together are one graph input (per-site tensors were 2 inputs per site, each copied into the CUDA graph's
+    static buffers on every replay by a Python loop: ~0.45 ms per decode step for 56 sites, measured on an
+    H200). The slices are views: nothing is copied eagerly."""
+
+    t: torch.Tensor
+    d: int
+
+
+_SCALE, _SUPPORT, _GATE, _RELU = 1, 2, 4, 8
+
+
+def _unpack(packs: list[_Pack], code: int) -> SiteParams:
+    """The parameters of one site as views of its pack row. `code` = pack << 32 | row << 4 | flags: one int, so a
+    compiled graph guards one constant per site (a dataclass slot cost ~15 guards per site)."""
+    pk = packs[code >> 32]
+    r, d = pk.t[(code >> 4) & 0xFFFFFFF], pk.d
+    return SiteParams(
+        shift=r[:d],
+        scale=r[2 * d : 3 * d] if code & _SCALE else None,
+        lo=r[3 * d : 4 * d] if code & _SUPPORT else None,
+        hi=r[4 * d : 5 * d] if code & _SUPPORT else None,
+        w=r[d : 2 * d] if code & _GATE else None,
+        b=r[5 * d],
+        mult=r[5 * d + 1],
+        relu=bool(code & _RELU),
+    )
+
+
+def _pack(params: list[SiteParams | None]) -> tuple[list[_Pack], list[int]]:
+    """One `_Pack` per (device, width) for the sites whose parameters were built at entry, and each site's code
+    for `_unpack` (-1: not packed)."""
+    groups: dict[tuple[torch.device, int], list[int]] = {}
+    for i, p in enumerate(params):
+        if p is not None:
+            groups.setdefault((p.shift.device, int(p.shift.shape[-1])), []).append(i)
+    packs: list[_Pack] = []
+    codes = [-1] * len(params)
+    for (dev, d), idx in groups.items():
+        t = torch.zeros(len(idx), 5 * d + 2, device=dev)
+        for row, i in enumerate(idx):
+            p = params[i]
+            assert p is not None
+            for k, v in enumerate((p.shift, p.w, p.scale, p.lo, p.hi)):
+                if v is not None:
+                    t[row, k * d : (k + 1) * d] = v
+            t[row, 5 * d], t[row, 5 * d + 1] = float(p.b), float(p.mult)
+            flags = (
+                (_SCALE if p.scale is not None else 0)
+                | (_SUPPORT if p.lo is not None else 0)
+                | (_GATE if p.w is not None else 0)
+                | (_RELU if p.relu else 0)
+            )
+            codes[i] = len(packs) << 32 | row << 4 | flags
+        packs.append(_Pack(t, d))
+    return packs, codes
+
+
+_ACTIVE: dict[int, _State] = {}
+"""id(model) -> the state of the `steering` block in progress on it. Compiled hooks reach their state through this
+global rather than their closures, so dynamo guards it once per graph instead of once per site."""
+
+
+def _make_hook(
+    site: Site,
+    m: SiteMap,
+    g: SiteGate,
+    state: _State,
+    device: torch.device | None,
+    code: int = -1,
+    built: SiteParams | None = None,
+    key: int | None = None,
+) -> Any:
+    """The forward hook of one site. Three paths, one rule:
+
+    * eager, untraced, token activations: `steer_folded`, the strength folded in once per batch size;
+    * under torch.compile: `steer_tensor` on the site's row of the packed parameters (`code`, see `_unpack`),
+      state reached through `_ACTIVE[key]`: the graph holds no per-site inputs, guards four constants per
+      site, and no Python state is created or mutated while tracing;
+    * traced (`trace=True`) or 4-D feature maps: `steer_tensor`, which also returns lam * g.
+
+    Per-device parameters are built when the hook is made, on the module's device (or passed in `built`)."""
+    dim = m.dim
     params: dict[torch.device, SiteParams] = {}
+    if device is not None:
+        params[device] = built if built is not None else SiteParams.build(m, g, device)
+        state.prepare(device)
+    folds: dict[tuple[int, int, torch.device], Folded] = {}
+
+    def site_params(dev: torch.device) -> SiteParams:
+        p = params.get(dev)
+        if p is None:
+            p = params[dev] = SiteParams.build(m, g, dev)
+        return p
+
+    index, name = site.index, site.name
+    if key is None or code < 0:
+        key, code = -1, -1
 
     def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
-        h = output_tensor(out, site.index)
+        h = output_tensor(out, index)
         d = h.shape[1] if h.dim() == 4 else h.shape[-1]
-        if d != m.dim:
+        if d != dim:
             raise ValueError(
-                f"Site {site.name} outputs {d} features but the steerer was fitted with {m.dim}: "
+                f"Site {name} outputs {d} features but the steerer was fitted with {dim}: "
                 "this steerer belongs to another model."
             )
-        p = params.get(h.device)
-        if p is None:
-            p = params[h.device] = SiteParams.build(m, g, h.device)
+        if torch.compiler.is_compiling() and code >= 0:
+            st = _ACTIVE[key]
+            p = _unpack(st.packs, code)
+            if p.shift.device == h.device:
+                y, a = steer_tensor(h, p, st.lam_for(h.shape[0], h.device))
+                if st.trace is not None:
+                    st.trace.calls.append((name, st.trace._offset, a.detach()))
+                return replace_output(out, y, index)
+        if torch.compiler.is_compiling():
+            p = site_params(h.device)
+        elif FAST_EAGER and state.trace is None and h.dim() < 4:
+            fk = (h.shape[0], h.dim(), h.device)
+            f = folds.get(fk)
+            if f is None:
+                lam = state.lam_for(h.shape[0], h.device)
+                if state.lam.numel() == 1:
+                    lam = lam[:1]
+                f = folds[fk] = site_params(h.device).fold(lam, h.dim())
+            return replace_output(out, steer_folded(h, f), index)
+        else:
+            p = site_params(h.device)
         y, a = steer_tensor(h, p, state.lam_for(h.shape[0], h.device))
         if state.trace is not None:
-            state.trace.calls.append((site.name, state.trace._offset, a.detach()))
-        return replace_output(out, y, site.index)
+            state.trace.calls.append((name, state.trace._offset, a.detach()))
+        return replace_output(out, y, index)
 
     return hook
 
@@ -175,6 +368,53 @@ def _trace_pre_hook(trace: Trace) -> Any:
         trace._offset = max(off, 0)
 
     return pre
+
+
+GUARD_COMPILED_HOOKS = True
+"""Let `steering` turn on torch.compile's guards on module hooks (see `guard_hooks_under_compile`)."""
+
+
+def guard_hooks_under_compile(model: nn.Module | None = None) -> None:
+    """Make torch.compile notice steering hooks being added and removed.
+
+    By default dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): a
+    graph compiled outside `apply` keeps running unsteered inside it, and one compiled inside keeps steering
+    after it (measured: silently wrong logits). `steering` calls this once: with the guards on, a compiled
+    model keeps one graph per hook set and picks the right one on every call, at the price of a few guard
+    checks per call. Graphs compiled before the guards were turned on carry none, so a model compiled before
+    its first `apply` gets a warning: call `torch._dynamo.reset()` (or compile after the first `apply`).
+    Set `dsas.steer.GUARD_COMPILED_HOOKS = False` to leave dynamo's setting alone.
+    """
+    if not GUARD_COMPILED_HOOKS:
+        return
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    if not cfg.skip_nnmodule_hook_guards:
+        return
+    cfg.skip_nnmodule_hook_guards = False
+    if model is not None and _compiled_before(model):
+        import warnings
+
+        warnings.warn(
+            "This model was compiled with torch.compile before dsas turned on dynamo's guards on module hooks: "
+            "those graphs do not see steering hooks and keep running unsteered inside `apply`. Call "
+            "torch._dynamo.reset() once now (graphs compiled from here on are guarded).",
+            stacklevel=2,
+        )
+
+
+def _compiled_before(model: nn.Module) -> bool:
+    """Whether dynamo holds graphs for this model's forward (torch.compile(model.forward), or the compiled
+    __call__ that transformers' generate makes for a static cache)."""
+    if getattr(model, "_compiled_call", None) is not None:
+        return True
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return bool(_debug_get_cache_entry_list(type(model).forward.__code__))
+    except (ImportError, AttributeError, TypeError):
+        return False
 
 
 def as_strength(strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -208,17 +448,27 @@ def steering(
             "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
         )
     state = _State(as_strength(strength), expand, Trace() if trace else None)
+    guard_hooks_under_compile(model)
     handles = []
     try:
         model._dsas_steering = True  # type: ignore[assignment]
         if state.trace is not None:
             handles.append(model.register_forward_pre_hook(_trace_pre_hook(state.trace), with_kwargs=True))
-        for s in sites:
-            handles.append(
-                get_module(model, s).register_forward_hook(_make_hook(s, maps[s.name], gates[s.name], state))
-            )
+        mods = [get_module(model, s) for s in sites]
+        devs = [_module_device(mod) for mod in mods]
+        built = [
+            None if dv is None else SiteParams.build(maps[s.name], gates[s.name], dv)
+            for s, dv in zip(sites, devs, strict=True)
+        ]
+        state.packs, codes = _pack(built)
+        key = id(model)
+        _ACTIVE[key] = state
+        for s, mod, dv, code, p in zip(sites, mods, devs, codes, built, strict=True):
+            hook = _make_hook(s, maps[s.name], gates[s.name], state, dv, code, p, key)
+            handles.append(mod.register_forward_hook(hook))
         yield state.trace if state.trace is not None else Trace()
     finally:
         for h in handles:
             h.remove()
+        _ACTIVE.pop(id(model), None)
         model._dsas_steering = False  # type: ignore[assignment]

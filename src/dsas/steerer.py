@@ -74,6 +74,18 @@ class Steerer:
         self.check_model(model)
         on = set(self.steered)
         sites = [s for s in self.sites if s.name in on]
+        if self.gate == "threshold":  # prompt-level binary decision: see dsas.condition
+            from dsas.condition import conditional_steering
+
+            cond = Site(self.config["options"]["threshold"]["site"])
+            g = self.gates[sites[0].name] if sites else None
+            if g is None or g.w is None:
+                raise ValueError("This threshold steerer holds no condition direction; refit it.")
+            with conditional_steering(
+                model, sites, self.maps, self.gates, cond, g.w, g.b, strength, trace=trace, expand=expand
+            ) as tr:
+                yield tr
+            return
         with steering(model, sites, self.maps, self.gates, strength, trace=trace, expand=expand) as tr:
             yield tr
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU benchmark, end to end, in one command (what was run on the lent H200/H100; see benchmarks/README.md).
+#   OUT=/some/dir bash benchmarks/gpu_check.sh            # results land in $OUT (default benchmarks/results)
+# Uses the machine's python3 (with torch + transformers) and this checkout's src/ on PYTHONPATH; no install.
+set -u
+OUT=${OUT:-benchmarks/results}
+BUDGET=${BUDGET:-400}
+PLAN=${PLAN:-compiled:1,compiled:32,eager:1,eager:32}
+CONFIGS=${CONFIGS:-unsteered,vanilla,dsas,e2e-dsas}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  2>&1 | tee -a "$OUT/gpu.txt"
+# Per-site cost of the hook (seconds).
+$PY benchmarks/bench_hooks.py --device cuda --dims 1536 --batches 1,32 --tokens 1 --dtypes bfloat16 \
+  --inner 500 --rounds 5 --out "$OUT/hooks_cuda.json" 2>&1 | tail -n 8
+# Tokens/s: compiled phases first (the 0.98x target), then eager; phases that would start after BUDGET s are skipped.
+$PY benchmarks/bench_generate.py --shape qwen2.5-1.5b --plan "$PLAN" --configs "$CONFIGS" \
+  --compiled-configs unsteered,dsas --e2e-steps 10 --budget-s "$BUDGET" --phase-reserve-s 60 \
+  --out "$OUT/generate_qwen2.5-1.5b_cuda.json" 2>&1 | grep -v "^Loading" | tee "$OUT/generate.log" | tail -n 60
