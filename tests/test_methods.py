@@ -134,6 +134,17 @@ def test_iti_heads():
         fit_iti(src, tgt, ITIConfig(unit="head"), heads=7)
 
 
+def test_iti_heads_through_fit(tiny_tok, engine_sets, single_thread):
+    model = make_tiny_model("llama", len(tiny_tok))  # 4 heads of 8 units, read from the model's config
+    st = dsas.fit(
+        model, tiny_tok, engine_sets, method="iti", gate="none", progress=False, unit="head", top_k=1
+    )
+    for name in st.site_names:
+        nz = torch.nonzero(st.maps[name].shift).flatten()
+        assert len(nz) > 0 and len(set((nz // 8).tolist())) == 1  # one head block per site
+    assert st.config["options"]["iti"]["unit"] == "head"
+
+
 def test_method_configs_validate():
     for bad in (dict(unit="neuron"), dict(top_k=0), dict(top_frac=0.0), dict(holdout=1.0)):
         with pytest.raises(ValueError):
@@ -189,7 +200,7 @@ def test_combination_in_generate(
     if method == "iti":
         assert all(r["iti_kept"] == 4 for r in st.report())  # ceil(0.125 * 32) units per site
     if gate.startswith("e2e"):
-        assert all(0 <= r["gate_control"] and 0 <= r["gate_source"] for r in st.report())
+        assert all(r["gate_control"] >= 0 and r["gate_source"] >= 0 for r in st.report())
     ref = _logits(model, tiny_tok)
     with st.apply(model, strength=0.0):
         assert torch.equal(_logits(model, tiny_tok), ref)  # strength 0: bit-identical

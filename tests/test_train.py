@@ -182,11 +182,11 @@ def test_e2e_gate_learns_source_versus_control(planted, tiny_tok, kind, single_t
 
 
 def test_default_step_budget(planted, tiny_tok, single_thread):
-    """steps=None: 60 LinEAS steps, 30 E2E steps (each of which also runs the control prompts)."""
+    """steps=None: 50 LinEAS steps, 25 E2E steps (each of which also runs the control prompts)."""
     model, _delta, _shift, src, ctl, target_means = planted
     cfg = LinEASConfig(patience=0)
-    assert train_maps(model, tiny_tok, SITES, src, target_means, cfg, progress=False).evaluations == 60
+    assert train_maps(model, tiny_tok, SITES, src, target_means, cfg, progress=False).evaluations == 50
     res = train_maps(
         model, tiny_tok, SITES, src, target_means, cfg, control=ctl, gate_kind="relu", progress=False
     )
-    assert res.evaluations == 30 and res.summary()["evaluations"] == 30
+    assert res.evaluations == 25 and res.summary()["evaluations"] == 25

@@ -54,6 +54,33 @@ def demo(
     run_demo(out, cfg, con)
 
 
+@app.command("demo-diffusion")
+def demo_diffusion(
+    out: Annotated[Path, typer.Option(help="Run folder: steerers, results.json, report.html.")] = Path(
+        "runs/demo-diffusion"
+    ),
+    concept: Annotated[int, typer.Option(help="The concept: a digit class (0-9).")] = 3,
+    effect: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Effect(s) to steer: 'blur' (paper recipe) and/or 'class'; repeatable. Default: both."
+        ),
+    ] = None,
+    target_class: Annotated[
+        int,
+        typer.Option(help="Effect 'class': the digit concept prompts turn into (-1: 8, or 3 for concept 8)."),
+    ] = -1,
+    quick: Annotated[bool, typer.Option(help="Fewer images and strengths, for a first look.")] = False,
+    seed: int = 0,
+) -> None:
+    """Concept-selective steering of the embedded digits diffusion model: CAA vs CAA+DSAS, HTML report."""
+    from dsas.diffusion.demo import EFFECTS, DiffusionDemoConfig, quick_config, run_diffusion_demo
+
+    kw = dict(concept=concept, effects=tuple(effect or EFFECTS), target_class=target_class, seed=seed)
+    cfg = quick_config(**kw) if quick else DiffusionDemoConfig(**kw)  # type: ignore[arg-type]
+    run_diffusion_demo(out, cfg, con)
+
+
 @app.command("fit")
 def fit_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to save the steerer in.")],

@@ -4,6 +4,9 @@
 * sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector).
 * relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
 
+The CAST-style threshold gate (a baseline) decides once per prompt; its direction and threshold are fitted here
+(`fit_threshold`) and applied by `dsas.condition`.
+
 The DSAS regulator (paper Eq. 5-6): on token-mean activations of the source set (label 1) and control set
 (label 0), fit PCA(r) -> logistic regression; fold it into w = P^T w_lr, b = b_lr - w . mu, so the run-time
 cost is one dot product per token and site. Sites whose cross-validated accuracy is below a threshold carry no

@@ -1,8 +1,16 @@
 """The steering rule as forward hooks:  z' = z + lam * g(z) * Δ(z),  per token, at every site.
 
-`steer_tensor` is the whole rule (one screen). `steering` installs it on a model for the span of a `with` block
-and removes every hook in `finally`. Every term depends only on the current token, so prefill and each cached
-decode step scale their own tokens: cached and uncached generation agree, and padding does not leak across rows.
+`steer_tensor` is the whole rule (one screen) and the reference. `steering` installs it on a model for the span of
+a `with` block and removes every hook in `finally` (no cost outside). Every term depends only on the current
+token, so prefill and each cached decode step scale their own tokens: cached and uncached generation agree, and
+padding does not leak across rows.
+
+Run-time paths (benchmarks/README.md has the measurements): eagerly, `steer_folded` (the strength folded into the
+displacement: three kernels per DSAS site, one add for vanilla steering); under torch.compile, `steer_tensor` on
+the site's row of one packed parameter tensor per device (no per-site graph inputs, no graph breaks under
+`fullgraph=True`, the gate written as `(z * w).sum(-1)` so inductor fuses it with the update); with `trace=True`
+or on 4-D feature maps, `steer_tensor`. `steering` also turns on dynamo's guards on module hooks
+(`guard_hooks_under_compile`), without which a compiled model silently ignores hooks added or removed later.
 """
 
 from __future__ import annotations
