@@ -532,11 +532,6 @@ def test_clip_score_with_a_local_clip_model(tiny_clip_dir: Path, digits: DigitsD
     assert other[0] < 1 - 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: steer.steer_tensor computes in float32 and casts back, so float64 activations (the digits "
-    "loader's default dtype) are rounded at strength 0. Fix: compute in promote_types(h.dtype, float32).",
-)
 def test_strength_zero_is_bit_identical_on_a_float64_unet() -> None:
     model = load_digits_model(with_classifier=False)  # float64 by default
     assert next(model.unet.parameters()).dtype == torch.float64

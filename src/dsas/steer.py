@@ -15,6 +15,7 @@ or on 4-D feature maps, `steer_tensor`. `steering` also turns on dynamo's guards
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class Folded:
     relu: bool
 
 
+_TENSORS = ("shift", "scale", "lo", "hi", "w")
+
+
 def steer_tensor(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the rule to one site output. h: [B, T, d], [B, d] or [B, C, H, W] (channels = d).
 
@@ -88,8 +92,12 @@ def steer_tensor(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[tor
     Math in fp32, cast back to h's dtype. This is the reference; `steer_folded` is the eager fast path.
     """
     chan_first = h.dim() == 4
-    z = (h.movedim(1, -1) if chan_first else h).float()
-    lam = lam.view(-1, *([1] * (z.dim() - 2)))
+    # fp32 at least; float64 activations stay float64 so that strength 0 is still the identity.
+    ct = torch.promote_types(h.dtype, torch.float32)
+    z = (h.movedim(1, -1) if chan_first else h).to(ct)
+    if ct != torch.float32:
+        p = dataclasses.replace(p, **{k: getattr(p, k).to(ct) for k in _TENSORS if getattr(p, k) is not None})
+    lam = lam.view(-1, *([1] * (z.dim() - 2))).to(ct)
     if p.w is None:
         a = (lam * p.mult).expand(z.shape[:-1])
     else:
@@ -336,7 +344,7 @@ def _make_hook(
                 return replace_output(out, y, index)
         if torch.compiler.is_compiling():
             p = site_params(h.device)
-        elif FAST_EAGER and state.trace is None and h.dim() < 4:
+        elif FAST_EAGER and state.trace is None and h.dim() < 4 and h.dtype != torch.float64:
             fk = (h.shape[0], h.dim(), h.device)
             f = folds.get(fk)
             if f is None:
