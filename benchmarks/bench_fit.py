@@ -6,8 +6,9 @@
 
 `dsas.fit` = recording the unsteered activations of the sets it needs + fitting maps + fitting gates. The
 "regulator" row times `fit_regulator` (PCA -> logistic regression, 5-fold CV accuracy, fold) for every site on
-activations recorded beforehand: the DSAS part proper. LinEAS / E2E rows train for `--lineas-steps` steps only
-(their fit time grows with the steps; the library default is up to 1000 with early stopping).
+activations recorded beforehand: the DSAS part proper. LinEAS / E2E rows train with the library's default step
+budget (`LinEASConfig.steps=None`: 50 for LinEAS, 25 for E2E-DSAS, early stop on a plateau) unless
+`--lineas-steps` is given; their fit time grows linearly with the steps.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--repeats", type=int, default=3, help="fits per pair (LinEAS-based pairs: 1)")
-    p.add_argument("--lineas-steps", type=int, default=20)
+    p.add_argument("--lineas-steps", type=int, default=None, help="default: the library default budget")
     args = p.parse_args()
     dev, dtype = setup(args)
     out = result_path(args, "fit", dev)
@@ -105,7 +106,7 @@ def main() -> None:
         ):
             payload["rows"].append({"pair": f"{method}+{gate}", "skipped": "not registered"})
             continue
-        opts: dict[str, Any] = {"steps": args.lineas_steps} if method == "lineas" else {}
+        opts: dict[str, Any] = {"steps": args.lineas_steps} if method == "lineas" and args.lineas_steps else {}
         reps = 1 if method == "lineas" else args.repeats
         times = []
         try:

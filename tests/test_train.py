@@ -159,11 +159,11 @@ def test_pool_before_leaves_last_site_untrained(planted, tiny_tok, single_thread
     assert min(res.history) < 0.9 * res.history[0]  # the rest is site a read before its map: constant
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "relu"])
-def test_e2e_gate_learns_source_versus_control(planted, tiny_tok, kind, single_thread):
+@pytest.mark.parametrize(("kind", "steps"), [("sigmoid", 800), ("relu", 400)])
+def test_e2e_gate_learns_source_versus_control(planted, tiny_tok, kind, steps, single_thread):
     """No warm start: the gate is only pushed by the W2 term (source) and the retain term (control)."""
     model, _delta, _shift, src, ctl, target_means = planted
-    cfg = LinEASConfig(steps=150, optimizer="lbfgs", patience=0)
+    cfg = LinEASConfig(steps=steps, lr=0.05, patience=0)
     e2e = E2EConfig(beta=1.0, warm_start=False)
     res = train_maps(
         model, tiny_tok, SITES, src, target_means, cfg, control=ctl, gate_kind=kind, e2e=e2e, progress=False
@@ -174,11 +174,11 @@ def test_e2e_gate_learns_source_versus_control(planted, tiny_tok, kind, single_t
     emb = model.emb.weight
     on_src = g.value(emb[[vocab[w] for w in SRC_WORDS]])
     on_ctl = g.value(emb[[vocab[w] for w in CTL_WORDS]])
-    assert on_ctl.max() < 0.02 * on_src.min()
-    assert on_src.min() > 0.3
-    # And the gated map still moves the source onto the target (loss far below its start).
-    assert min(res.history) < 0.05 * res.history[0]
-    assert res.stats["a"]["gate_control"] < 0.02 * res.stats["a"]["gate_source"]  # token means, as reported
+    # Off on every control word, on for every source word. (Only g ⊙ Δ is identified on the source, so a
+    # sigmoid gate need not saturate at 1: the map makes up the difference.)
+    assert on_ctl.max() < 0.05 * on_src.min() and on_src.min() > 0.5
+    # And the gated map moves the source onto the target.
+    assert min(res.history) < 0.02 * res.history[0]
 
 
 def test_default_step_budget(planted, tiny_tok, single_thread):

@@ -102,7 +102,8 @@ class E2EConfig:
     gate_lr: float | None = None
     """Adam learning rate of (u, c); None uses LinEASConfig.lr."""
     gate_weight_decay: float = 0.0
-    """ρ: adds ρ Σ_l ||u_l||² to the objective."""
+    """ρ: adds ρ Σ_l ||ũ_l||² to the objective, ũ the gate weight in units of its input's spread (u = ũ / (σ √d)
+    per coordinate), so that ρ means the same at every site."""
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.gate_weight_decay < 0:
@@ -205,6 +206,10 @@ class _Trainer:
         self.shift = [torch.zeros(d, device=device, requires_grad=True) for d in dims]
         self.u: list[torch.Tensor] = []
         self.c: list[torch.Tensor] = []
+        # The gate's weight is learned as ũ with u = ũ ⊙ gate_units, 1 / (token spread ⊙ √d): an Adam step then
+        # moves the logit u · z by about lr whatever the scale of the coordinates. Left raw, the first steps
+        # of a ReLU gate on SmolLM2 blew the objective up 15x.
+        self.gate_units = [torch.ones(d, device=device) for d in dims]
         if gate_kind is not None:
             self.u = [torch.zeros(d, device=device, requires_grad=True) for d in dims]
             self.c = [torch.zeros((), device=device, requires_grad=True) for _ in dims]
@@ -218,7 +223,7 @@ class _Trainer:
         self.retain: torch.Tensor | None = None  # Σ over sites and real control tokens of the L2 distance
 
     def gate(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        s = z @ self.u[i] + self.c[i]
+        s = z @ (self.u[i] * self.gate_units[i]) + self.c[i]
         return torch.sigmoid(s) if self.gate_kind == "sigmoid" else torch.relu(s)
 
     def _hook(self, i: int, site: Site) -> Callable[..., Any]:
@@ -329,7 +334,9 @@ class _Trainer:
         assert self.gate_kind is not None
         n = len(self.sites)
         return {
-            s.name: SiteGate(self.gate_kind, snap[2 * n + i].float().cpu(), float(snap[3 * n + i]))
+            s.name: SiteGate(
+                self.gate_kind, (snap[2 * n + i] * self.gate_units[i]).float().cpu(), float(snap[3 * n + i])
+            )
             for i, s in enumerate(self.sites)
         }
 
@@ -375,15 +382,6 @@ def train_maps(
             sd = target_means[s.name].float().std(0, unbiased=False).to(dev)
             units.append(sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12))
     tr = _Trainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
-    if gate_kind is not None:
-        with torch.no_grad():
-            for i, s in enumerate(sites):
-                if gate_init is not None and s.name in gate_init:
-                    u0, c0 = gate_init[s.name]
-                    tr.u[i].copy_(u0.to(dev, torch.float32))
-                    tr.c[i].fill_(float(c0))
-                else:
-                    tr.c[i].fill_(1.0 if gate_kind == "relu" else 0.0)
     targets = [torch.sort(target_means[s.name].to(dev, torch.float32), dim=0).values for s in sites]
     src = _Batch(tokenizer, source, max_length, dev, chunk)
     ctl = _Batch(tokenizer, control, max_length, dev, chunk) if gate_kind is not None and control else None
@@ -428,9 +426,19 @@ def train_maps(
                     (r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)
                 ]
                 tr.center[i] = torch.cat(means).mean(0)
-            del rec
             if ctl is not None:
                 tr.reference = tr.forward(ctl, "off")  # unsteered control activations, once
+                for i, s in enumerate(sites):
+                    real = [r[i][c.mask.bool()] for r, c in zip(rec, src.chunks, strict=True)]
+                    real += [r[i][c.mask.bool()] for r, c in zip(tr.reference, ctl.chunks, strict=True)]
+                    sd = torch.cat(real).std(0, unbiased=False)
+                    sd = sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12)
+                    tr.gate_units[i] = 1 / (sd * math.sqrt(sd.numel()))
+                    u0, c0 = (gate_init or {}).get(s.name, (None, 1.0 if gate_kind == "relu" else 0.0))
+                    if u0 is not None:
+                        tr.u[i].copy_(u0.to(dev, torch.float32) / tr.gate_units[i])
+                    tr.c[i].fill_(float(c0))
+            del rec
         try:
             if cfg.optimizer == "lbfgs":
                 lbfgs = torch.optim.LBFGS(
