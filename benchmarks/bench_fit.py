@@ -106,7 +106,9 @@ def main() -> None:
         ):
             payload["rows"].append({"pair": f"{method}+{gate}", "skipped": "not registered"})
             continue
-        opts: dict[str, Any] = {"steps": args.lineas_steps} if method == "lineas" and args.lineas_steps else {}
+        opts: dict[str, Any] = (
+            {"steps": args.lineas_steps} if method == "lineas" and args.lineas_steps else {}
+        )
         reps = 1 if method == "lineas" else args.repeats
         times = []
         try:

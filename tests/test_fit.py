@@ -20,7 +20,9 @@ def test_options_are_routed_and_recorded(model, tiny_tok, engine_sets):
     assert all(st.stats[s]["pca_components"] == 2 for s in st.site_names)
     cfg = dsas.DSASConfig(pca_dim=3)
     st = dsas.fit(model, tiny_tok, engine_sets, dsas=cfg, acc_threshold=0.5, progress=False)
-    assert st.config["options"]["dsas"]["pca_dim"] == 3 and st.config["options"]["dsas"]["acc_threshold"] == 0.5
+    assert (
+        st.config["options"]["dsas"]["pca_dim"] == 3 and st.config["options"]["dsas"]["acc_threshold"] == 0.5
+    )
     assert st.steered == st.site_names  # threshold 0.5 keeps every site
 
 

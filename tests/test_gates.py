@@ -84,8 +84,14 @@ def test_temperature_and_offset_fold_in():
 
 
 def test_config_validation():
-    for bad in (dict(acc_mode="loo"), dict(features="max"), dict(inactive="on"), dict(pca_dim=0),
-                dict(acc_threshold=0.2), dict(temperature=0)):
+    for bad in (
+        dict(acc_mode="loo"),
+        dict(features="max"),
+        dict(inactive="on"),
+        dict(pca_dim=0),
+        dict(acc_threshold=0.2),
+        dict(temperature=0),
+    ):
         with pytest.raises(ValueError, match="DSASConfig"):
             DSASConfig(**bad)
     with pytest.raises(ValueError, match="needs a weight"):
