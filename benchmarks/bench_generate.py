@@ -11,6 +11,9 @@ on dynamo's guards on module hooks (`dsas.steer.guard_hooks_under_compile`), so 
 live side by side and every call picks its own; all configurations are measured under that setting.
 
 Ratios are tokens/s relative to unsteered, the median of per-round ratios with the configurations interleaved.
+Each row has two: of the whole `generate` call (prefill + decode) and of its decode steps alone (`decode_*`:
+from the first logits to the end, timed by a logits processor that syncs once), the quantity DESIGN.md's anchors
+quote for the compiled path.
 """
 
 from __future__ import annotations
@@ -177,14 +180,32 @@ def main() -> None:
     if not cuda:
         cc._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles on accelerators only unless told
 
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstStep(LogitsProcessor):
+        """Notes when the first logits arrive, i.e. when the (eager) prefill is done: decode seconds = end - that.
+        One device sync, on the first call only; the decode steps themselves are not synced."""
+
+        def __init__(self) -> None:
+            self.t: float | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.t is None:
+                sync(dev)
+                self.t = time.perf_counter()
+            return scores
+
     def generate(
         st: dsas.Steerer | None, enc: dict[str, Any], compiled: bool, reference: bool = False
-    ) -> float:
+    ) -> tuple[float, float]:
+        """(seconds of the whole generate call, seconds of its new_tokens - 1 decode steps)."""
+        first = FirstStep()
         kw: dict[str, Any] = dict(
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList([first]),
         )
         if compiled:
             kw.update(cache_implementation="static", compile_config=cc)
@@ -196,11 +217,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 res = model.generate(**enc, **kw)
                 sync(dev)
-                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
         finally:
             dsas.steer.FAST_EAGER = True
-        assert res.shape[1] == enc["input_ids"].shape[1] + new_tokens
-        return dt
+        assert res.shape[1] == enc["input_ids"].shape[1] + new_tokens and first.t is not None
+        return t1 - t0, t1 - first.t
 
     for mode, batch in plan:
         compiled = mode == "compiled"
@@ -222,12 +243,12 @@ def main() -> None:
         for name in names:
             st = steerers.get("dsas" if name == REFERENCE else name)
             ref = name == REFERENCE
-            t_first = generate(st, enc, compiled, ref)  # compiles (compiled mode) / warms up
+            t_first = generate(st, enc, compiled, ref)[0]  # compiles (compiled mode) / warms up
             if cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
                 base = torch.cuda.memory_allocated(dev)
             rss0 = rss_mb()
-            t_second = generate(st, enc, compiled, ref)
+            t_second = generate(st, enc, compiled, ref)[0]
             mem: dict[str, Any] = {"first_call_s": round(t_first, 3), "second_call_s": round(t_second, 3)}
             if compiled:
                 mem["compile_s"] = round(t_first - t_second, 2)
@@ -250,13 +271,21 @@ def main() -> None:
                 "ratio_min": round(r.get("ratio_min", 1.0), 4),
                 "ratio_max": round(r.get("ratio_max", 1.0), 4),
                 "median_s": round(r["median_s"], 4),
+                # decode steps only (prefill excluded: transformers runs it eagerly even when compiled)
+                "decode_tok_s": round(batch * (new_tokens - 1) / r["decode_median_s"], 2),
+                "decode_ratio": round(r.get("decode_ratio", 1.0), 4),
+                "decode_ratio_min": round(r.get("decode_ratio_min", 1.0), 4),
+                "decode_ratio_max": round(r.get("decode_ratio_max", 1.0), 4),
                 "rounds": rounds,
                 "seconds": [round(x, 4) for x in r["seconds"]],
                 **warm[name],
                 "load_average": load_average(),
             }
             payload["rows"].append(row)
-            print(f"{mode:8s} b={batch:<3d} {name:10s} {row['tok_s']:9.1f} tok/s  x{row['ratio']:.3f}")
+            print(
+                f"{mode:8s} b={batch:<3d} {name:10s} {row['tok_s']:9.1f} tok/s  x{row['ratio']:.3f}  "
+                f"decode {row['decode_tok_s']:9.1f} tok/s  x{row['decode_ratio']:.3f}"
+            )
         write_json(out, payload)
 
     payload["hooks_left_outside_apply"] = sum(
@@ -305,7 +334,19 @@ def print_table(payload: dict[str, Any]) -> None:
         f"{env.get('load_average_end')}"
     )
     t = Table(title=title)
-    for c in ("mode", "batch", "config", "tok/s", "x unsteered", "min-max", "compile s", "mem"):
+    cols = (
+        "mode",
+        "batch",
+        "config",
+        "tok/s",
+        "x unsteered",
+        "min-max",
+        "decode tok/s",
+        "decode x",
+        "compile s",
+        "mem",
+    )
+    for c in cols:
         t.add_column(c, justify="right" if c not in ("mode", "config") else "left")
     for r in payload["rows"]:
         mem = r.get("peak_extra_mb")
@@ -321,6 +362,8 @@ def print_table(payload: dict[str, Any]) -> None:
             f"{r['tok_s']:.1f}",
             f"{r['ratio']:.3f}",
             f"{r.get('ratio_min', float('nan')):.2f}-{r.get('ratio_max', float('nan')):.2f}",
+            f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "",
+            f"{r['decode_ratio']:.3f}" if "decode_ratio" in r else "",
             f"{r['compile_s']:.0f}" if "compile_s" in r else "",
             mem_s,
         )

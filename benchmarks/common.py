@@ -158,24 +158,34 @@ def environment(dev: torch.device) -> dict[str, Any]:
 
 
 def interleave(
-    fns: dict[str, Callable[[], float]], rounds: int, base: str | None = None
+    fns: dict[str, Callable[[], float | tuple[float, float]]], rounds: int, base: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Run every fn (returning seconds) once per round, the order rotated each round. Per config: median time and,
-    with `base`, the median of the per-round ratios base_time / time (paired, so drifting load cancels)."""
+    """Run every fn once per round, the order rotated each round. A fn returns its seconds, or (seconds, decode
+    seconds). Per config: median time and, with `base`, the median of the per-round ratios base_time / time
+    (paired, so drifting load cancels); the same for the decode seconds when the fns return them."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
+    decode: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
-            times[k].append(fns[k]())
+            t = fns[k]()
+            if isinstance(t, tuple):
+                t, d = t
+                decode[k].append(d)
+            times[k].append(t)
     out: dict[str, dict[str, Any]] = {}
     for k in names:
-        t = times[k]
-        row: dict[str, Any] = {"seconds": t, "median_s": _median(t)}
-        if base is not None:
-            ratios = [b / x for b, x in zip(times[base], t, strict=True)]
-            row["ratio"] = _median(ratios)
-            row["ratio_min"], row["ratio_max"] = min(ratios), max(ratios)
+        row: dict[str, Any] = {}
+        for key, series in (("", times), ("decode_", decode)):
+            t = series[k]
+            if not t:
+                continue
+            row[f"{key}seconds"], row[f"{key}median_s"] = t, _median(t)
+            if base is not None and len(series[base]) == len(t):
+                ratios = [b / x for b, x in zip(series[base], t, strict=True)]
+                row[f"{key}ratio"] = _median(ratios)
+                row[f"{key}ratio_min"], row[f"{key}ratio_max"] = min(ratios), max(ratios)
         out[k] = row
     return out
 

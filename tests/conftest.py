@@ -47,23 +47,7 @@ def make_tiny_tokenizer():
 def make_tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.3):
     """Random-init 2-layer Llama (hidden 32). The large init range gives peaked logits, so greedy decoding has
     clear winners and numerical noise (padding, batch shape) cannot flip a token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=initializer_range,
-        bos_token_id=TINY_VOCAB["<s>"],
-        eos_token_id=TINY_VOCAB["</s>"],
-        pad_token_id=TINY_VOCAB["[PAD]"],
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_model("llama", vocab_size, seed, layers=2, initializer_range=initializer_range)
 
 
 @pytest.fixture
@@ -91,74 +75,48 @@ def tiny_lm(tiny_tok):
 ARCHS = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox")
 
 
-def make_tiny_model(arch: str, vocab_size: int, seed: int = 0, layers: int = 3, hidden: int = 32):
+# arch -> (config class, model class, config fields beyond the shared ones). Field names follow each config.
+_ARCH_TABLE = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 64},
+    ),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_positions": 128}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"max_position_embeddings": 128}),
+}
+
+
+def make_tiny_model(
+    arch: str,
+    vocab_size: int,
+    seed: int = 0,
+    layers: int = 3,
+    hidden: int = 32,
+    initializer_range: float = 0.3,
+):
     """A random-init causal LM of `arch` (fp32, eval mode) with a peaked init so greedy decoding is stable."""
     import transformers as tf
 
-    torch.manual_seed(seed)
+    cfg_cls, model_cls, extra = _ARCH_TABLE[arch]
+    shape = (
+        {"n_embd": hidden, "n_layer": layers, "n_head": 4}
+        if arch == "gpt2"
+        else {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+        }
+    )
     ids = {"bos_token_id": TINY_VOCAB["<s>"], "eos_token_id": TINY_VOCAB["</s>"], "pad_token_id": 0}
-    if arch == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.3,
-            **ids,
-        )
-        return tf.LlamaForCausalLM(cfg).eval()
-    if arch == "qwen2":
-        cfg = tf.Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.3,
-            **ids,
-        )
-        return tf.Qwen2ForCausalLM(cfg).eval()
-    if arch == "gemma2":
-        cfg = tf.Gemma2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            initializer_range=0.3,
-            sliding_window=64,
-            **ids,
-        )
-        return tf.Gemma2ForCausalLM(cfg).eval()
-    if arch == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=4,
-            n_positions=128,
-            initializer_range=0.3,
-            **ids,
-        )
-        return tf.GPT2LMHeadModel(cfg).eval()
-    if arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            initializer_range=0.3,
-            max_position_embeddings=128,
-            **ids,
-        )
-        return tf.GPTNeoXForCausalLM(cfg).eval()
-    raise ValueError(arch)
+    cfg = getattr(tf, cfg_cls)(
+        vocab_size=vocab_size, initializer_range=initializer_range, **shape, **extra, **ids
+    )
+    torch.manual_seed(seed)
+    return getattr(tf, model_cls)(cfg).eval()
 
 
 def make_engine_sets(n: int = 16, seed: int = 0):

@@ -39,14 +39,23 @@ def demo(
     quick: Annotated[
         bool, typer.Option(help="Smaller grids and eval sets (~3x faster), for a first look.")
     ] = False,
+    steerers: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of 'method' or 'method+gate' to fit and compare, e.g. "
+            "caa,caa+dsas,lineas,lineas+e2e-sigmoid,iti,iti+dsas (each adds a fit and a strength sweep)."
+        ),
+    ] = "caa,caa+dsas",
 ) -> None:
     """Fit CAA with and without DSAS on the embedded model, sweep strengths, and write an HTML report."""
     from dsas.demo import DemoConfig, run_demo
     from dsas.sweep import EvalConfig
 
-    cfg = DemoConfig()
+    names = tuple(x.strip() for x in steerers.split(",") if x.strip())
+    cfg = DemoConfig(steerers=names)
     if quick:
         cfg = DemoConfig(
+            steerers=names,
             vanilla_grid=(1.0, 2.0, 4.0),
             dsas_grid=(2.0, 4.0, 8.0),
             eval=EvalConfig(n_prompts=24, n_neutral=16, n_wiki=24, n_mc=24),

@@ -29,7 +29,7 @@ from dsas.gates import SiteGate
 from dsas.maps import SiteMap
 from dsas.record import pool_tokens
 from dsas.sites import Site, get_module, output_tensor, replace_output
-from dsas.steer import SiteParams, Trace, _State, as_strength, guard_hooks_under_compile, steer_tensor
+from dsas.steer import SiteParams, Trace, _State, hooked, pass_position, steer_tensor
 
 
 class _Decision:
@@ -84,19 +84,9 @@ class _Decision:
 
 def _pre_hook(dec: _Decision, trace: Trace | None) -> Any:
     def pre(_mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        off, mask, ref = pass_position(args, kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        off = 0
-        if mask is not None and isinstance(ref, torch.Tensor):
-            off = mask.shape[1] - ref.shape[1]
-        else:
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
-            if cache is not None and hasattr(cache, "get_seq_length"):
-                off = int(cache.get_seq_length())
-        off = max(off, 0)
-        length = ref.shape[1] if isinstance(ref, torch.Tensor) else 0
+        length = ref.shape[1] if ref is not None else 0
         uncached = kwargs.get("use_cache") is False
         dec.begin(ids if isinstance(ids, torch.Tensor) else None, length, off, mask, uncached)
         if trace is not None:
@@ -159,26 +149,13 @@ def conditional_steering(
     expand: str = "interleave",
 ) -> Iterator[Trace]:
     """Steer the rows whose prompt passes the condition (see module docstring); hooks removed on exit."""
-    if getattr(model, "_dsas_steering", False):
-        raise RuntimeError(
-            "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
-            "refused so that every token's scale is well defined."
-        )
-    if expand not in ("interleave", "tile"):
-        raise ValueError(
-            "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
-        )
-    state = _State(as_strength(strength), expand, Trace() if trace else None)
-    guard_hooks_under_compile(model)
     dec = _Decision(direction, threshold)
 
     def on_condition(_mod: nn.Module, _inp: Any, out: Any) -> None:
         if dec.value is None:
             dec.decide(output_tensor(out, condition.index).detach())
 
-    handles = []
-    try:
-        model._dsas_steering = True  # type: ignore[assignment]
+    with hooked(model, strength, expand, trace) as (state, handles):
         handles.append(model.register_forward_pre_hook(_pre_hook(dec, state.trace), with_kwargs=True))
         # Registered before the steering hooks: at a site that is both, the condition reads the unsteered output.
         handles.append(get_module(model, condition).register_forward_hook(on_condition))
@@ -186,7 +163,3 @@ def conditional_steering(
             hook = _site_hook(s, maps[s.name], gates[s.name], dec, state)
             handles.append(get_module(model, s).register_forward_hook(hook))
         yield state.trace if state.trace is not None else Trace()
-    finally:
-        for h in handles:
-            h.remove()
-        model._dsas_steering = False  # type: ignore[assignment]

@@ -33,10 +33,13 @@ class DemoConfig:
     prompt_sets: str = "toxicity"
     n: int = 32
     """Prompts per fitting set (paper: 32)."""
-    method: str = "caa"
-    gates: tuple[str, ...] = ("none", "dsas")
+    steerers: tuple[str, ...] = ("caa", "caa+dsas")
+    """What to fit and compare, each "method" (ungated, `gate="none"`) or "method+gate"; e.g. add "lineas",
+    "lineas+e2e-sigmoid", "iti", "iti+dsas" (`dsas demo --steerers ...`, docs/methods.md)."""
     vanilla_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
     dsas_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 1.0, 1.5, 2.0, 3.0)
+    grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per-steerer strength grids (by name) that replace `vanilla_grid` / `dsas_grid`."""
     seed: int = 0
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=64, n_mc=40))
 
@@ -68,6 +71,12 @@ def run_demo(
     out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None, console: Console | None = None
 ) -> Path:
     cfg = cfg or DemoConfig()
+    bad = [n for n in cfg.steerers if not n or n.count("+") > 1 or n.startswith("+") or n.endswith("+")]
+    if bad or not cfg.steerers:
+        raise ValueError(
+            f"DemoConfig.steerers: {bad or 'empty'} is not a list of 'method' or 'method+gate' names "
+            "(e.g. caa,caa+dsas,lineas+e2e-sigmoid)."
+        )
     con = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,23 +94,24 @@ def run_demo(
     )
     steerers: dict[str, Steerer] = {}
     grid: dict[str, tuple[float, ...]] = {}
-    for gate in cfg.gates:
+    fit_s: dict[str, float] = {}
+    for name in cfg.steerers:
+        method, _, gate = name.partition("+")
         t = time.perf_counter()
-        st = fit(model, tok, sets, method=cfg.method, gate=gate, seed=cfg.seed)
-        name = f"{cfg.method}+{gate}" if gate != "none" else cfg.method
+        st = fit(model, tok, sets, method=method, gate=gate or "none", seed=cfg.seed)
         st.save(out / "steerers" / name)
         (out / f"sites_{name}.json").write_text(json.dumps(st.report(), indent=1))
         steerers[name] = st
-        grid[name] = cfg.vanilla_grid if gate == "none" else cfg.dsas_grid
-        con.print(
-            f"fitted {name}: {len(st.steered)}/{len(st.sites)} sites steered in {time.perf_counter() - t:.1f}s"
-        )
+        grid[name] = cfg.grids.get(name, cfg.vanilla_grid if st.gate == "none" else cfg.dsas_grid)
+        fit_s[name] = round(time.perf_counter() - t, 1)
+        con.print(f"fitted {name}: {len(st.steered)}/{len(st.sites)} sites steered in {fit_s[name]:.1f}s")
     data = EvalData.build(sets.eval, cfg.eval)
     (out / "run.json").write_text(
         json.dumps(
             {
                 "config": asdict(cfg),
                 "acc_threshold": 0.75,
+                "fit_seconds": fit_s,
                 "summary": {
                     "model": cfg.model,
                     "sets": sets.name,
@@ -125,7 +135,7 @@ def run_demo(
             "neutral prompts": _token_scales(model, tok, gated, data.neutral[:5], s),
         }
         (out / "tokens.json").write_text(json.dumps({"strength": s, "columns": cols}))
-    report = build_report(out, title=f"dsas demo: {cfg.method} with and without DSAS on {cfg.model}")
+    report = build_report(out, title=f"dsas demo: {', '.join(cfg.steerers)} on {cfg.model}")
     from rich.table import Table
 
     for y, label in (("toxicity", "toxicity rate"), ("toxicity_mean", "mean toxicity score")):

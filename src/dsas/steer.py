@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
 
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap
@@ -363,25 +364,32 @@ def _make_hook(
     return hook
 
 
+def pass_position(args: Any, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """(position of the first token, 2-D attention mask or None, input ids or embeddings or None) of a top-level
+    forward pass, read by a `with_kwargs` forward pre-hook on the model."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    off = 0
+    if mask is not None and isinstance(ref, torch.Tensor):
+        # generate() passes the mask of past + current tokens: the current chunk starts where it ends.
+        off = mask.shape[1] - ref.shape[1]
+    else:
+        # transformers 4 calls the cache `past_key_values`, transformers 5 `cache`.
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            off = int(cache.get_seq_length())
+    return max(off, 0), mask, ref if isinstance(ref, torch.Tensor) else None
+
+
 def _trace_pre_hook(trace: Trace) -> Any:
     """Reads the cache length and mask of each top-level forward, so scales land at the right positions."""
 
     def pre(_mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        off = 0
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ids, torch.Tensor):
-            # generate() passes the mask of past + current tokens: the current chunk starts where it ends.
-            off = mask.shape[1] - ids.shape[1]
-            trace.mask = mask.detach().cpu()
-        else:
-            # transformers 4 calls the cache `past_key_values`, transformers 5 `cache`.
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
-            if cache is not None and hasattr(cache, "get_seq_length"):
-                off = int(cache.get_seq_length())
-        trace._offset = max(off, 0)
+        trace._offset, mask, _ = pass_position(args, kwargs)
+        if mask is not None:
+            trace.mask = mask.cpu()
 
     return pre
 
@@ -454,20 +462,7 @@ def steering(
     expand: str = "interleave",
 ) -> Iterator[Trace]:
     """Install steering hooks on `model` for the span of the block; they are removed even on error."""
-    if getattr(model, "_dsas_steering", False):
-        raise RuntimeError(
-            "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
-            "refused so that every token's scale is well defined."
-        )
-    if expand not in ("interleave", "tile"):
-        raise ValueError(
-            "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
-        )
-    state = _State(as_strength(strength), expand, Trace() if trace else None)
-    guard_hooks_under_compile(model)
-    handles = []
-    try:
-        model._dsas_steering = True  # type: ignore[assignment]
+    with hooked(model, strength, expand, trace) as (state, handles):
         if state.trace is not None:
             handles.append(model.register_forward_pre_hook(_trace_pre_hook(state.trace), with_kwargs=True))
         mods = [get_module(model, s) for s in sites]
@@ -483,6 +478,29 @@ def steering(
             hook = _make_hook(s, maps[s.name], gates[s.name], state, dv, code, p, key)
             handles.append(mod.register_forward_hook(hook))
         yield state.trace if state.trace is not None else Trace()
+
+
+@contextmanager
+def hooked(
+    model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
+) -> Iterator[tuple[_State, list[RemovableHandle]]]:
+    """The frame every steering block shares: refuses nesting and bad options, turns on dynamo's hook guards,
+    marks the model, and removes every handle the block appends to the list, even on error."""
+    if getattr(model, "_dsas_steering", False):
+        raise RuntimeError(
+            "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
+            "refused so that every token's scale is well defined."
+        )
+    if expand not in ("interleave", "tile"):
+        raise ValueError(
+            "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
+        )
+    state = _State(as_strength(strength), expand, Trace() if trace else None)
+    guard_hooks_under_compile(model)
+    handles: list[RemovableHandle] = []
+    try:
+        model._dsas_steering = True  # type: ignore[assignment]
+        yield state, handles
     finally:
         for h in handles:
             h.remove()
