@@ -76,3 +76,20 @@ def test_bad_artifacts(tmp_path, model, tiny_tok, engine_sets):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         st.save(tmp_path / "file")
+
+
+def test_other_size_of_the_same_architecture_is_refused_up_front(model, tiny_tok, engine_sets):
+    """Same class, width and depth, another MLP width: refused before any hook runs, naming the field."""
+    import copy
+
+    st = dsas.fit(model, tiny_tok, engine_sets, gate="none", progress=False)
+    assert st.fingerprint["shape"]["intermediate_size"] == model.config.intermediate_size
+    cfg = copy.deepcopy(model.config)
+    cfg.intermediate_size = 3 * model.config.intermediate_size
+    other = type(model)(cfg).eval()
+    with pytest.raises(ValueError, match="intermediate_size: fitted on 64, this model has 192"):
+        st.check_model(other)
+    # Resizing the embeddings does not touch the sites: still accepted.
+    same = copy.deepcopy(model)
+    same.resize_token_embeddings(len(tiny_tok) + 8)
+    st.check_model(same)

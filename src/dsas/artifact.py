@@ -68,6 +68,10 @@ def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any]) -> None:
         e, a = expected.get(key), actual.get(key)
         if e is not None and a is not None and e != a:
             diffs.append(f"{key}: fitted on {e!r}, this model has {a!r}")
+    es, as_ = expected.get("shape") or {}, actual.get("shape") or {}
+    for key in sorted(set(es) & set(as_)):
+        if es[key] != as_[key]:
+            diffs.append(f"{key}: fitted on {es[key]!r}, this model has {as_[key]!r}")
     missing = [
         s for s in expected.get("sites", []) if s.split(":")[0] not in actual.get("module_names", set())
     ]

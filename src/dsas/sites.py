@@ -207,5 +207,38 @@ def fingerprint(model: nn.Module, sites: Sequence[Site]) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "hidden_size": hidden,
         "num_layers": n_layers,
+        "shape": _config_shape(cfg),
         "sites": [s.name for s in sites],
     }
+
+
+SHAPE_KEYS = (
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    # diffusers denoisers (their config is a dict, with no hidden_size)
+    "block_out_channels",
+    "layers_per_block",
+    "in_channels",
+    "out_channels",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_layers",
+    "joint_attention_dim",
+)
+"""Config fields that fix activation shapes at the sites; compared before a steerer is applied, so that a steerer
+fitted on another size of the same architecture is refused up front (not at the first hook call). vocab_size is
+left out on purpose: resizing the embeddings does not change the sites."""
+
+
+def _config_shape(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    out: dict[str, Any] = {}
+    for k in SHAPE_KEYS:
+        v = get(k)
+        if isinstance(v, int | str) or (isinstance(v, list | tuple) and all(isinstance(x, int) for x in v)):
+            out[k] = list(v) if isinstance(v, list | tuple) else v
+    return out
