@@ -34,11 +34,18 @@ def main() -> None:
     p.add_argument("--out", default="runs/methods")
     p.add_argument("--steerers", default=STEERERS, help="comma list of 'method' or 'method+gate'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--lineas-steps",
+        type=int,
+        default=None,
+        help="training steps of the LinEAS-based steerers (default: 50/25)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = tuple(s.strip() for s in args.steerers.split(",") if s.strip())
-    cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=dict(GRIDS))
+    opts = {n: {"steps": args.lineas_steps} for n in names if n.startswith("lineas") and args.lineas_steps}
+    cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=dict(GRIDS), options=opts)
     run_demo(args.out, cfg)
 
 

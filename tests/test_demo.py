@@ -26,6 +26,7 @@ def test_demo_with_several_methods_and_grids(smollm2, smollm2_cache_dir, tmp_pat
         steerers=("caa", "iti+dsas"),
         vanilla_grid=(0.5,),
         grids={"iti+dsas": (2.0, 4.0)},
+        options={"iti+dsas": {"top_frac": 0.25}},
         eval=EvalConfig(n_prompts=3, n_neutral=2, n_wiki=2, n_mc=2, max_new_tokens=4),
     )
     report = run_demo(tmp_path, cfg)
@@ -36,4 +37,5 @@ def test_demo_with_several_methods_and_grids(smollm2, smollm2_cache_dir, tmp_pat
     assert set(run["fit_seconds"]) == {"caa", "iti+dsas"}
     st = dsas.Steerer.load(tmp_path / "steerers" / "iti+dsas")
     assert (st.method, st.gate) == ("iti", "dsas")
+    assert st.config["options"]["iti"]["top_frac"] == 0.25  # per-steerer fit options reach dsas.fit
     assert report.exists() and "iti+dsas" in report.read_text()

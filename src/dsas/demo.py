@@ -40,6 +40,8 @@ class DemoConfig:
     dsas_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 1.0, 1.5, 2.0, 3.0)
     grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """Per-steerer strength grids (by name) that replace `vanilla_grid` / `dsas_grid`."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-steerer keyword options of `dsas.fit` (by name), e.g. {"lineas+e2e-sigmoid": {"steps": 100}}."""
     seed: int = 0
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=64, n_mc=40))
 
@@ -98,7 +100,9 @@ def run_demo(
     for name in cfg.steerers:
         method, _, gate = name.partition("+")
         t = time.perf_counter()
-        st = fit(model, tok, sets, method=method, gate=gate or "none", seed=cfg.seed)
+        st = fit(
+            model, tok, sets, method=method, gate=gate or "none", seed=cfg.seed, **cfg.options.get(name, {})
+        )
         st.save(out / "steerers" / name)
         (out / f"sites_{name}.json").write_text(json.dumps(st.report(), indent=1))
         steerers[name] = st
