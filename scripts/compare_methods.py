@@ -12,6 +12,7 @@ redone, deterministic under the seed). Writes <out>/report.html and <out>/summar
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
@@ -40,11 +41,17 @@ def main() -> None:
         default=None,
         help="training steps of the LinEAS-based steerers (default: 50/25)",
     )
+    p.add_argument("--e2e-beta", type=float, default=None, help="E2EConfig.beta of the E2E-DSAS steerers")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = tuple(s.strip() for s in args.steerers.split(",") if s.strip())
-    opts = {n: {"steps": args.lineas_steps} for n in names if n.startswith("lineas") and args.lineas_steps}
+    opts: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for n in names:
+        if n.startswith("lineas") and args.lineas_steps:
+            opts[n]["steps"] = args.lineas_steps
+        if "+e2e" in n and args.e2e_beta is not None:
+            opts[n]["beta"] = args.e2e_beta
     cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=dict(GRIDS), options=opts)
     run_demo(args.out, cfg)
 

@@ -1,0 +1,60 @@
+"""One Markdown table of matched-perplexity results across several run folders (e.g. an E2E-DSAS beta sweep).
+
+    .venv/bin/python scripts/methods_table.py runs/methods:lineas+dsas "runs/e2e_beta10:lineas+e2e-sigmoid=beta 10"
+
+Each argument is RUN_DIR:STEERER[=LABEL]. The unsteered point of each run folder is its baseline. Columns: toxicity
+rate and mean toxicity score at +5% / +10% perplexity (interpolated on the Pareto front, as in summary.md), and
+the false / true steering rates at the smallest and largest strength of the steerer's grid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dsas.sweep import load_points, matched_utility_table
+
+
+def row(arg: str) -> str:
+    spec, _, label = arg.partition("=")
+    run, _, name = spec.rpartition(":")
+    points = load_points(Path(run) / "sweep.jsonl")
+    pts = [p for p in points if p["name"] in ("unsteered", name)]
+    if len(pts) < 2:
+        raise SystemExit(f"{run}/sweep.jsonl has no points of {name!r}")
+    fit = {}
+    run_json = Path(run) / "run.json"
+    if run_json.exists():
+        cfg = json.loads(run_json.read_text())
+        fit = cfg.get("config", {}).get("options", {}).get(name, {})
+    rate = matched_utility_table(pts, (0.05, 0.10))[0]
+    mean = matched_utility_table(pts, (0.05, 0.10), y="toxicity_mean")[0]
+    own = sorted((p for p in pts if p["name"] == name), key=lambda p: p["strength"])
+    fsr = f"{own[0].get('false_steer_rate', float('nan')):.2f}-{own[-1].get('false_steer_rate', float('nan')):.2f}"
+    tsr = f"{own[0].get('true_steer_rate', float('nan')):.2f}-{own[-1].get('true_steer_rate', float('nan')):.2f}"
+    cells = [
+        label or name,
+        run,
+        json.dumps(fit) if fit else "defaults",
+        *(f"{v:.3f}" for v in (rate["toxicity@+5%ppl"], rate["toxicity@+10%ppl"])),
+        *(f"{v:.3f}" for v in (mean["toxicity_mean@+5%ppl"], mean["toxicity_mean@+10%ppl"])),
+        fsr,
+        tsr,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print(
+        "| steerer | run | fit options | rate @+5% | rate @+10% | mean @+5% | mean @+10% | false steer | true steer |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for a in sys.argv[1:]:
+        print(row(a))
+
+
+if __name__ == "__main__":
+    main()
