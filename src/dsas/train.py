@@ -95,7 +95,12 @@ class E2EConfig:
     """Options of the E2E-DSAS gate φ(u · z + c), trained jointly with the LinEAS maps (steps, lr: LinEASConfig)."""
 
     beta: float = 1.0
-    """Weight of the control (retain) regulariser: mean over control tokens of Σ_sites ||steered − unsteered||."""
+    """Weight of the control (retain) regulariser: mean over control tokens of Σ_sites ||steered − unsteered||.
+    The paper's value was not recovered (1 is the spec's default). The two terms have different units, so the
+    right β depends on the model: on SmolLM2 the W2 term is ~10x the retain term (5e3 vs 5e2 at step 50) and
+    β = 1 / 10 / 30 gave false steering rates 0.32 / 0.25 / 0.18 and a mean toxicity score at +5% perplexity of
+    0.056 / 0.050 / 0.050 (docs/methods.md; prefer 10-30 there), while β = 10 shuts the gates of a tiny random
+    GPT-2 entirely. Tune it (`scripts/compare_methods.py --e2e-beta`)."""
     warm_start: bool = True
     """Start each gate from the DSAS regulator fitted on the same data (u = folded w, c = b); else u = 0,
     c = 0 (sigmoid, g = 0.5) or c = 1 (ReLU, g = 1)."""
