@@ -11,7 +11,7 @@ from dsas.sweep import EvalConfig
 
 @pytest.mark.parametrize("names", [(), ("caa+",), ("+dsas",), ("caa+dsas+x",), ("",)])
 def test_bad_steerer_names_are_refused_before_any_work(names, tmp_path):
-    with pytest.raises(ValueError, match="DemoConfig.steerers"):
+    with pytest.raises(ValueError, match=r"DemoConfig\.steerers"):
         run_demo(tmp_path, DemoConfig(steerers=names))
     assert not (tmp_path / "sweep.jsonl").exists()
 
