@@ -102,10 +102,12 @@ def token_html(tokens: Sequence[str], scales: Sequence[float], vmax: float) -> s
     return "".join(spans)
 
 
-def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+def html_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], spec: str = ".4g") -> str:
+    """An HTML table of `cols` of `rows`; floats formatted with `spec`, NaN as a dash, text escaped."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return "–" if math.isnan(v) else f"{v:.4g}"
+            return "–" if math.isnan(v) else format(v, spec)
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -163,12 +165,12 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         + (f", MC accuracy {base['mc_acc']:.3f}" if base.get("mc_acc") is not None else "")
         + ". Each cell: the lowest toxicity a steerer reaches while its Wikipedia perplexity stays within the budget "
         "over the unsteered model (linear interpolation along its Pareto front; – = no point within budget).</p>",
-        _table(table, tcols),
+        html_table(table, tcols),
         *(
             [
                 "<p>Mean toxicity score (the scorer's probability averaged over continuations; smoother than the rate "
                 "on small prompt sets):</p>",
-                _table(table_m, mcols),
+                html_table(table_m, mcols),
             ]
             if has_mean
             else []
@@ -213,7 +215,7 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
             parts += [f"<p class='sample'>{token_html(s['tokens'], s['scales'], vmax)}</p>" for s in col]
             parts.append("</div>")
         parts.append("</div>")
-    parts += ["<h2>All points</h2>", _table(points, pcols), "<h2>Sample continuations</h2>"]
+    parts += ["<h2>All points</h2>", html_table(points, pcols), "<h2>Sample continuations</h2>"]
     for p in points:
         if p.get("samples"):
             parts.append(f"<h3>{html.escape(p['key'])}</h3><ul>")
@@ -241,7 +243,12 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         markdown_table(table, tcols),
     ]
     if has_mean:
-        md += ["", "Mean toxicity score at matched perplexity budget:", "", markdown_table(table_m, mcols)]
+        md += [
+            "",
+            "Mean toxicity score at matched perplexity budget:",
+            "",
+            markdown_table(table_m, mcols),
+        ]
     md += ["", "All points:", "", markdown_table(points, [c for c in pcols if c != "samples"])]
     (run / "summary.md").write_text("\n".join(md) + "\n")
     return out

@@ -42,6 +42,7 @@ from dsas.diffusion.digits import DigitsDiffusion, load_digits_model
 from dsas.diffusion.images import IMAGE_SIZE, NUM_CLASSES, blur, load_real_digits
 from dsas.diffusion.metrics import blur_score, concept_score, image_similarity
 from dsas.diffusion.steering import DenoiserCall, digits_calls, fit_diffusion, gate_maps
+from dsas.report import html_table
 from dsas.steerer import Steerer
 
 EFFECTS = ("blur", "class")
@@ -486,14 +487,7 @@ def _gate_figure(maps: torch.Tensor, base: torch.Tensor, classes: list[int], cfg
 
 
 def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "–" if math.isnan(v) else f"{v:.3f}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return html_table(rows, cols, ".3f")
 
 
 _CSS = (
