@@ -115,3 +115,16 @@ def test_report_contents(tmp_path):
 def test_report_needs_a_sweep(tmp_path):
     with pytest.raises(FileNotFoundError, match="dsas sweep"):
         build_report(tmp_path)
+
+
+def test_plot_style_tells_methods_and_gates_apart():
+    from dsas.report import _style
+
+    one = [
+        {"name": "caa", "method": "caa", "gate": "none"},
+        {"name": "caa+dsas", "method": "caa", "gate": "dsas"},
+    ]
+    assert _style(one, one[0])[0] != _style(one, one[1])[0]  # the plain demo: color = gate
+    many = [*one, {"name": "iti+dsas", "method": "iti", "gate": "dsas"}]
+    (c_caa, ls_none), (c_caa2, ls_dsas), (c_iti, _) = (_style(many, p) for p in many)
+    assert c_caa == c_caa2 != c_iti and ls_none != ls_dsas  # several methods: color = method, style = gate

@@ -31,6 +31,19 @@ COLORS = {
 }
 
 
+METHOD_COLORS = {"caa": "#1f77b4", "iti": "#ff7f0e", "lineas": "#2ca02c", "linear_act": "#9467bd"}
+GATE_STYLES = {"none": "--", "dsas": "-", "e2e-sigmoid": "-.", "e2e-relu": "-.", "threshold": ":"}
+
+
+def _style(points: Sequence[dict[str, Any]], p: dict[str, Any]) -> tuple[str | None, str]:
+    """(color, line style) of a steerer: with one method, the color says the gate (the plain demo: red vanilla,
+    blue DSAS); with several, the color says the method and the line style the gate (dashed: vanilla)."""
+    methods = {q.get("method") for q in points if q["name"] != "unsteered"}
+    if len(methods) <= 1:
+        return COLORS.get(p.get("gate", "")), "-"
+    return METHOD_COLORS.get(p.get("method", "")), GATE_STYLES.get(p.get("gate", ""), "-")
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -46,14 +59,14 @@ def plot_fronts(points: Sequence[dict[str, Any]], x: str, y: str, xlabel: str, y
         pts = [p for p in points if p["name"] == name and p.get(x) is not None]
         if base is not None:
             pts = [base, *pts]
-        color = COLORS.get(pts[-1].get("gate", ""))
+        color, ls = _style(points, pts[-1])
         ax.scatter([p[x] for p in pts], [p[y] for p in pts], s=14, alpha=0.35, color=color)
         if x == "mc_acc":  # higher is better: front over (-x, y)
             flipped = [{**p, "_x": -p[x]} for p in pts]
             front = sorted(pareto_front(flipped, "_x", y), key=lambda p: p[x])
         else:
             front = pareto_front(pts, x, y)
-        ax.plot([p[x] for p in front], [p[y] for p in front], "-o", ms=4, label=name, color=color)
+        ax.plot([p[x] for p in front], [p[y] for p in front], ls, marker="o", ms=4, label=name, color=color)
         for p in pts:
             ax.annotate(
                 f"{p['strength']:g}",
