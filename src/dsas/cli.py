@@ -52,15 +52,12 @@ def demo(
     from dsas.sweep import EvalConfig
 
     names = tuple(x.strip() for x in steerers.split(",") if x.strip())
-    cfg = DemoConfig(steerers=names)
-    if quick:
-        cfg = DemoConfig(
-            steerers=names,
-            vanilla_grid=(1.0, 2.0, 4.0),
-            dsas_grid=(2.0, 4.0, 8.0),
-            eval=EvalConfig(n_prompts=24, n_neutral=16, n_wiki=24, n_mc=24),
-        )
-    run_demo(out, cfg, con)
+    small: dict[str, Any] = dict(
+        vanilla_grid=(1.0, 2.0, 4.0),
+        dsas_grid=(2.0, 4.0, 8.0),
+        eval=EvalConfig(n_prompts=24, n_neutral=16, n_wiki=24, n_mc=24),
+    )
+    run_demo(out, DemoConfig(steerers=names, **(small if quick else {})), con)
 
 
 @app.command("demo-diffusion")

@@ -90,9 +90,7 @@ def _pre_hook(dec: _Decision, trace: Trace | None) -> Any:
         uncached = kwargs.get("use_cache") is False
         dec.begin(ids if isinstance(ids, torch.Tensor) else None, length, off, mask, uncached)
         if trace is not None:
-            trace._offset = off
-            if mask is not None:
-                trace.mask = mask.cpu()
+            trace.begin_pass(off, mask)
 
     return pre
 

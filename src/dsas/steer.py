@@ -148,6 +148,12 @@ class Trace:
     mask: torch.Tensor | None = None
     _offset: int = 0
 
+    def begin_pass(self, offset: int, mask: torch.Tensor | None) -> None:
+        """Called by a model pre-hook before every top-level forward: where its tokens start, and its mask."""
+        self._offset = offset
+        if mask is not None:
+            self.mask = mask.cpu()
+
     @property
     def scales(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -387,9 +393,8 @@ def _trace_pre_hook(trace: Trace) -> Any:
     """Reads the cache length and mask of each top-level forward, so scales land at the right positions."""
 
     def pre(_mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        trace._offset, mask, _ = pass_position(args, kwargs)
-        if mask is not None:
-            trace.mask = mask.cpu()
+        off, mask, _ = pass_position(args, kwargs)
+        trace.begin_pass(off, mask)
 
     return pre
 

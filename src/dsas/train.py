@@ -346,6 +346,13 @@ class _Trainer:
         }
 
 
+def _spread(x: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate std of the rows of x, floored at 1e-3 of its mean so a constant coordinate is no division
+    by zero: the unit in which shifts and gate weights are learned."""
+    sd = x.std(0, unbiased=False)
+    return sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12)
+
+
 def train_maps(
     model: nn.Module,
     tokenizer: Any,
@@ -384,8 +391,7 @@ def train_maps(
     if cfg.relative:
         units = []
         for s in sites:
-            sd = target_means[s.name].float().std(0, unbiased=False).to(dev)
-            units.append(sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12))
+            units.append(_spread(target_means[s.name].float().to(dev)))
     tr = _Trainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
     targets = [torch.sort(target_means[s.name].to(dev, torch.float32), dim=0).values for s in sites]
     src = _Batch(tokenizer, source, max_length, dev, chunk)
@@ -436,8 +442,7 @@ def train_maps(
                 for i, s in enumerate(sites):
                     real = [r[i][c.mask.bool()] for r, c in zip(rec, src.chunks, strict=True)]
                     real += [r[i][c.mask.bool()] for r, c in zip(tr.reference, ctl.chunks, strict=True)]
-                    sd = torch.cat(real).std(0, unbiased=False)
-                    sd = sd.clamp_min(1e-3 * float(sd.mean()) + 1e-12)
+                    sd = _spread(torch.cat(real))
                     tr.gate_units[i] = 1 / (sd * math.sqrt(sd.numel()))
                     u0, c0 = (gate_init or {}).get(s.name, (None, 1.0 if gate_kind == "relu" else 0.0))
                     if u0 is not None:
