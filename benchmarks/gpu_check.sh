@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark, end to end, in one command (what was run on the lent H200/H100; see benchmarks/README.md).
+# About 9 minutes: give the device call a 600 s limit.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # results land in $OUT (default benchmarks/results)
 # Uses the machine's python3 (with torch + transformers) and this checkout's src/ on PYTHONPATH; no install.
 set -u
 OUT=${OUT:-benchmarks/results}
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-330}
 PLAN=${PLAN:-compiled:1,compiled:32,eager:1,eager:32}
 CONFIGS=${CONFIGS:-unsteered,vanilla,dsas,e2e-dsas}
 PY=${PY:-python3}
@@ -20,3 +21,7 @@ $PY benchmarks/bench_hooks.py --device cuda --dims 1536 --batches 1,32 --tokens 
 $PY benchmarks/bench_generate.py --shape qwen2.5-1.5b --plan "$PLAN" --configs "$CONFIGS" \
   --compiled-configs unsteered,dsas --e2e-steps 10 --budget-s "$BUDGET" --phase-reserve-s 60 \
   --out "$OUT/generate_qwen2.5-1.5b_cuda.json" 2>&1 | grep -v "^Loading" | tee "$OUT/generate.log" | tail -n 60
+# Where the compiled step's time goes: kernels, graph inputs, guard checks, step time without and with CUDA graphs
+# (8 of the 28 layers: the per-layer structure is what counts; ~1-2 min).
+timeout 240 $PY benchmarks/bench_graph.py --shape qwen2.5-1.5b --layers 8 --configs unsteered,dsas --cudagraphs \
+  --rounds 7 --out "$OUT/graph_qwen2.5-1.5b-8l_cuda.json" 2>&1 | grep -v "Warning" | tail -n 12

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graph_code import inductor_code, kernel_launches
 
 import dsas
 from dsas.steer import guard_hooks_under_compile
@@ -45,7 +46,8 @@ def test_compiled_steering_matches_eager_without_graph_breaks(compiled_setup):
     eager_ref, eager_steered = logits(model), logits(model, 6.0)
     assert not torch.allclose(eager_ref, eager_steered, atol=1e-3)
 
-    steered = logits(fwd, 6.0)
+    with inductor_code() as steered_code:
+        steered = logits(fwd, 6.0)
     assert counter.frame_count == 1
     torch.testing.assert_close(steered, eager_steered, rtol=1e-5, atol=1e-5)
     # Another strength reuses the graph (the strength is a graph input, not a constant).
@@ -54,8 +56,13 @@ def test_compiled_steering_matches_eager_without_graph_breaks(compiled_setup):
     assert counter.frame_count == 1
 
     # Outside `apply` the hooks are gone and the guards send the call to a second, unsteered graph ...
-    plain = logits(fwd)
+    with inductor_code() as plain_code:
+        plain = logits(fwd)
     assert counter.frame_count == 2
+    # Inductor fuses each site's gate (a dot product), sigmoid and update into the kernel that already adds the
+    # residual and normalizes: the steered graph launches exactly the kernels of the unsteered one.
+    launches = kernel_launches(plain_code)
+    assert launches[0] > 0 and kernel_launches(steered_code) == launches
     torch.testing.assert_close(plain, eager_ref, rtol=1e-5, atol=1e-5)
     # ... and strength 0 under compile is the unsteered compiled model, bit for bit.
     assert torch.equal(zero, plain)
