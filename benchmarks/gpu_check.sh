@@ -25,3 +25,11 @@ $PY benchmarks/bench_generate.py --shape qwen2.5-1.5b --plan "$PLAN" --configs "
 # (8 of the 28 layers: the per-layer structure is what counts; ~1-2 min).
 timeout 240 $PY benchmarks/bench_graph.py --shape qwen2.5-1.5b --layers 8 --configs unsteered,dsas --cudagraphs \
   --rounds 7 --out "$OUT/graph_qwen2.5-1.5b-8l_cuda.json" 2>&1 | grep -v "Warning" | tail -n 12
+# Optional (LIBS=1): dsas against steering-vectors / repeng / pyvene. The GPU machine has no network: copy their
+# wheels into benchmarks/wheels/ first (pip download --no-deps -d benchmarks/wheels -r benchmarks/requirements-libraries.txt)
+# and carry that folder.
+if [ "${LIBS:-0}" = 1 ] && [ -d benchmarks/wheels ]; then
+  $PY -m pip install -q --no-deps --no-index --find-links benchmarks/wheels -r benchmarks/requirements-libraries.txt
+  timeout 300 $PY benchmarks/bench_libraries.py --shape qwen2.5-1.5b --batches 1,32 --rounds 3 --compile-check \
+    --out "$OUT/libraries_qwen2.5-1.5b_cuda.json" 2>&1 | grep -v "Warning" | tail -n 24
+fi
