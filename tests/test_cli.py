@@ -10,7 +10,7 @@ from dsas.cli import _parse_options, app
 def test_help_lists_every_command():
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("demo", "fit", "generate", "explain", "sweep", "report"):
+    for cmd in ("demo", "fit", "generate", "calibrate", "explain", "sweep", "report"):
         assert cmd in res.output
 
 

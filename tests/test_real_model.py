@@ -73,7 +73,7 @@ def test_generation_guarantees(smollm2, fitted, tmp_path):
 
 
 def test_cli_fit_generate_sweep_report(smollm2, smollm2_cache_dir, tmp_path, monkeypatch):
-    """The README's CLI on the real model: fit -> generate -> sweep (tiny) -> report."""
+    """The README's CLI on the real model: fit -> generate -> explain -> calibrate -> sweep (tiny) -> report."""
     from typer.testing import CliRunner
 
     from dsas.cli import app
@@ -92,6 +92,20 @@ def test_cli_fit_generate_sweep_report(smollm2, smollm2_cache_dir, tmp_path, mon
         app, ["explain", "--steerer", str(tmp_path / "st"), "-p", "You idiot", "--max-new-tokens", "4"]
     )
     assert res.exit_code == 0 and "max scale" in res.output, res.output
+    (tmp_path / "neutral.txt").write_text(
+        "The river runs through the old city.\n\nBread is made from flour.\n"
+    )
+    cal = [
+        "calibrate",
+        "--steerer",
+        str(tmp_path / "st"),
+        "--texts",
+        str(tmp_path / "neutral.txt"),
+        "--iters",
+        "1",
+    ]
+    res = r.invoke(app, cal)
+    assert res.exit_code == 0 and "budget +5%" in res.output, res.output
     res = r.invoke(
         app,
         [

@@ -6,6 +6,7 @@
 per-site, per-token gate. See README.md and docs/.
 """
 
+from dsas.calibrate import Calibration, calibrate_strength
 from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
 from dsas.fit import FitConfig, fit
 from dsas.gates import DSASConfig, SiteGate, ThresholdConfig
@@ -17,6 +18,7 @@ from dsas.steerer import Steerer
 from dsas.train import E2EConfig, LinEASConfig
 
 __all__ = [
+    "Calibration",
     "DSASConfig",
     "E2EConfig",
     "FitConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "Steerer",
     "ThresholdConfig",
     "Trace",
+    "calibrate_strength",
     "fit",
     "list_prompt_sets",
     "load_model",

@@ -1,4 +1,4 @@
-"""The `dsas` command: demo, fit, generate, explain, sweep, report."""
+"""The `dsas` command: demo, fit, generate, calibrate, explain, sweep, report."""
 
 from __future__ import annotations
 
@@ -142,6 +142,45 @@ def generate(
         if b is not None:
             con.print(f"[dim]unsteered:[/] {b}")
         con.print(f"[bold]steered (strength {strength:g}):[/] {s}")
+
+
+@app.command()
+def calibrate(
+    steerer: Annotated[Path, typer.Option("--steerer", "-t", help="A folder written by `dsas fit`.")],
+    model: ModelOpt = "smollm2-135m",
+    max_ppl_increase: Annotated[
+        float, typer.Option(help="Allowed relative perplexity increase on neutral text (0.05 = +5%).")
+    ] = 0.05,
+    texts: Annotated[
+        Path | None,
+        typer.Option(help="Neutral texts, one per line (default: embedded Wikipedia paragraphs)."),
+    ] = None,
+    max_strength: float = 64.0,
+    iters: int = 6,
+) -> None:
+    """The largest strength whose perplexity on neutral text stays within a budget."""
+    import dsas
+
+    m, tok = dsas.load_model(model)
+    st = dsas.Steerer.load(steerer, model=m)
+    lines = None
+    if texts is not None:
+        lines = [x for x in texts.read_text(encoding="utf-8").splitlines() if x.strip()]
+    cal = dsas.calibrate_strength(
+        st, m, tok, lines, max_ppl_increase=max_ppl_increase, max_strength=max_strength, iters=iters
+    )
+    t = Table(title=f"perplexity on neutral text (unsteered {cal.base_ppl:.3f})")
+    t.add_column("strength", justify="right")
+    t.add_column("perplexity", justify="right")
+    t.add_column("increase", justify="right")
+    for lam, p in sorted(cal.evaluated):
+        t.add_row(f"{lam:.4g}", f"{p:.3f}", f"{p / cal.base_ppl - 1:+.1%}")
+    con.print(t)
+    more = " (max_strength reached: the budget allows more)" if cal.saturated else ""
+    con.print(
+        f"[bold]strength {cal.strength:.4g}[/]: perplexity {cal.ppl:.3f} ({cal.increase:+.1%}, "
+        f"budget +{max_ppl_increase:.0%}){more}"
+    )
 
 
 @app.command()
