@@ -38,6 +38,7 @@ from common import (
     setup,
     steerer_bytes,
     sync,
+    throughput,
     write_json,
 )
 
@@ -266,10 +267,7 @@ def main() -> None:
                 "mode": mode,
                 "batch": batch,
                 "config": name,
-                "tok_s": round(batch * new_tokens / r["median_s"], 2),
-                "ratio": round(r.get("ratio", 1.0), 4),
-                "ratio_min": round(r.get("ratio_min", 1.0), 4),
-                "ratio_max": round(r.get("ratio_max", 1.0), 4),
+                **throughput(r, batch * new_tokens),
                 "median_s": round(r["median_s"], 4),
                 # decode steps only (prefill excluded: transformers runs it eagerly even when compiled)
                 "decode_tok_s": round(batch * (new_tokens - 1) / r["decode_median_s"], 2),

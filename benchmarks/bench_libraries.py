@@ -38,6 +38,7 @@ from common import (
     result_path,
     setup,
     sync,
+    throughput,
     write_json,
 )
 
@@ -334,10 +335,7 @@ def main() -> None:
             rows[f"{n}@{batch}"] = {
                 "library": n,
                 "batch": batch,
-                "tok_s": round(batch * new_tokens / r["median_s"], 2),
-                "ratio": round(r.get("ratio", 1.0), 3),
-                "ratio_min": round(r.get("ratio_min", 1.0), 3),
-                "ratio_max": round(r.get("ratio_max", 1.0), 3),
+                **throughput(r, batch * new_tokens),
                 "seconds": r["seconds"],
             }
             print(

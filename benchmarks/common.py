@@ -190,6 +190,16 @@ def interleave(
     return out
 
 
+def throughput(r: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """tokens/s and the ratios of one `interleave` row, rounded for a table (`tokens` per timed call)."""
+    return {
+        "tok_s": round(tokens / r["median_s"], 2),
+        "ratio": round(r.get("ratio", 1.0), 4),
+        "ratio_min": round(r.get("ratio_min", 1.0), 4),
+        "ratio_max": round(r.get("ratio_max", 1.0), 4),
+    }
+
+
 def _median(x: list[float]) -> float:
     s = sorted(x)
     n = len(s)

@@ -249,3 +249,17 @@ def test_csv_empty_text_cell(tmp_path):
     path.write_text("split,text\nsource,\n")
     with pytest.raises(ValueError, match="row 2 has an empty text"):
         load_prompt_sets(path)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 1.0])
+def test_label_noise_swaps_exactly_the_requested_fraction(p):
+    sets = load_prompt_sets("toxicity", n=32)
+    noisy = sets.with_label_noise(p, seed=3)
+    k = round(p * 32)
+    assert len(noisy.source) == len(noisy.control) == 32 and noisy.target == sets.target
+    assert sum(t in sets.control for t in noisy.source) == k
+    assert sum(t in sets.source for t in noisy.control) == k
+    assert sorted(noisy.source + noisy.control) == sorted(sets.source + sets.control)
+    assert noisy.meta["label_noise"] == p and sets.with_label_noise(p, seed=3).source == noisy.source
+    with pytest.raises(ValueError, match=r"fraction in \[0, 1\]"):
+        sets.with_label_noise(1.5)

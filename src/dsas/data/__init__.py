@@ -76,6 +76,20 @@ class PromptSets:
             source, target = pick(self.source), pick(self.target)
         return PromptSets(source, target, pick(self.control), dict(self.eval), self.name, dict(self.meta))
 
+    def with_label_noise(self, p: float, seed: int = 0) -> PromptSets:
+        """A copy in which round(p * min(|source|, |control|)) source prompts and as many control prompts trade
+        places: symmetric noise on the regulator's labels (source = 1, control = 0), for robustness studies
+        (`scripts/robustness.py`). p = 0.5 leaves the labels uninformative. Target and eval splits are kept."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"label noise p must be a fraction in [0, 1], got {p}.")
+        k = round(p * min(len(self.source), len(self.control)))
+        rng = random.Random(seed)
+        source, control = list(self.source), list(self.control)
+        for i, j in zip(rng.sample(range(len(source)), k), rng.sample(range(len(control)), k), strict=True):
+            source[i], control[j] = control[j], source[i]
+        meta = {**self.meta, "label_noise": p}
+        return PromptSets(source, list(self.target), control, dict(self.eval), self.name, meta)
+
 
 def list_prompt_sets() -> dict[str, str]:
     """Built-in prompt set names with their one-line description."""
