@@ -99,3 +99,13 @@ def test_dsas_allows_a_larger_strength_than_vanilla_on_the_real_model(smollm2):
         assert 0 < cal.increase <= 0.05 and not cal.saturated
         lam[gate] = cal.strength
     assert lam["dsas"] > 1.5 * lam["none"]
+
+
+def test_a_steerer_without_steered_sites_warns_and_saturates(setup):
+    import dataclasses
+
+    model, tok, st = setup
+    off = dataclasses.replace(st, steered=[])
+    with pytest.warns(UserWarning, match="steers no site"):
+        cal = dsas.calibrate_strength(off, model, tok, NEUTRAL, max_strength=2.0, progress=False)
+    assert cal.saturated and cal.strength == 2.0 and cal.ppl == cal.base_ppl

@@ -78,6 +78,15 @@ def calibrate_strength(
         raise ValueError(f"Need 0 < start <= max_strength, got start={start}, max_strength={max_strength}.")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}.")
+    if not steerer.steered:
+        import warnings
+
+        warnings.warn(
+            "This steerer steers no site (no regulator passed its accuracy threshold): every strength leaves "
+            "the model unsteered, so the search ends at max_strength. Refit with more or cleaner prompts, a "
+            "lower acc_threshold, or inactive='vanilla'.",
+            stacklevel=2,
+        )
     texts = list(texts) if texts is not None else load_wiki_paragraphs(n=32, seed=0)
     if not texts:
         raise ValueError("calibrate_strength needs at least one neutral text.")
