@@ -6,9 +6,9 @@
 
 Eager: plain HF `generate` (dynamic KV cache). Compiled: HF `generate` over a static cache with
 `CompileConfig(fullgraph=True, dynamic=False)` (mode "reduce-overhead" on CUDA, "default" on CPU), so every decode
-step runs one compiled graph (no graph break: fullgraph=True raises on one) and the prefill runs eagerly. dsas turns
-on dynamo's guards on module hooks (`dsas.steer.guard_hooks_under_compile`), so the unsteered and the steered graph
-live side by side and every call picks its own; all configurations are measured under that setting.
+step runs one compiled graph (no graph break: fullgraph=True raises on one) and the prefill runs eagerly. dsas
+steers by wrapping each site's `forward` on the instance, which dynamo already guards: the unsteered and the
+steered graph live side by side and every call picks its own, with dynamo's default settings for both.
 
 Ratios are tokens/s relative to unsteered, the median of per-round ratios with the configurations interleaved.
 Each row has two: of the whole `generate` call (prefill + decode) and of its decode steps alone (`decode_*`:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import time
 from typing import Any
 
@@ -43,7 +42,6 @@ from common import (
 )
 
 import dsas
-from dsas.steer import guard_hooks_under_compile
 
 CONFIGS: dict[str, tuple[str, str] | None] = {
     "unsteered": None,
@@ -117,7 +115,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=None, help="default: 64 on CUDA, 32 on CPU")
     p.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds (default: 5; 10 compiled on CUDA)"
+        "--rounds", type=int, default=None, help="interleaved rounds (default: 5; 20 compiled on CUDA)"
     )
     p.add_argument("--strength", type=float, default=4.0)
     p.add_argument(
@@ -126,9 +124,6 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=None, help="skip phases that would start after this")
     p.add_argument("--phase-reserve-s", type=float, default=90.0, help="time a phase needs to be started")
     p.add_argument("--reference", action="store_true", help=f"eager: add {REFERENCE!r} (before/after)")
-    p.add_argument(
-        "--guard-cost", action="store_true", help="finally time unsteered compiled without hook guards"
-    )
     args = p.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
     clock = Clock(args.budget_s)
@@ -153,7 +148,6 @@ def main() -> None:
     ):  # one graph per (config, batch): more than the default 8
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, 64)
-    guard_hooks_under_compile()  # what the first `apply` does; before any compile, so every graph is guarded
 
     model, tok, sets = load(args, dev, dtype)
     payload["model"] = {
@@ -259,7 +253,7 @@ def main() -> None:
             warm[name] = mem
             fns[name] = lambda st=st, enc=enc, c=compiled, ref=name == REFERENCE: generate(st, enc, c, ref)
             print(f"{mode} b={batch} {name}: warm {mem}")
-        rounds = args.rounds or (10 if cuda and compiled else 5)
+        rounds = args.rounds or (20 if cuda and compiled else 5)
         res = interleave(fns, rounds, base="unsteered")
         for name in names:
             r = res[name]
@@ -289,31 +283,6 @@ def main() -> None:
     payload["hooks_left_outside_apply"] = sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
     )
-    if args.guard_cost and "compiled" in modes and clock.left() > args.phase_reserve_s:
-        # Dynamo's default (no hook guards): only unsteered graphs may exist then, so this is a separate phase.
-        torch._dynamo.reset()
-        torch._dynamo.config.skip_nnmodule_hook_guards = True
-        for batch in batches:
-            if clock.left() < args.phase_reserve_s:
-                break
-            enc = prompt_batch(tok, sets, batch, args.prompt_tokens, dev)
-            generate(None, enc, True)
-            generate(None, enc, True)
-            r = interleave({"unsteered-default-guards": functools.partial(generate, None, enc, True)}, 5)
-            t = r["unsteered-default-guards"]["median_s"]
-            ref = next(x for x in payload["rows"] if x["mode"] == "compiled" and x["batch"] == batch)
-            payload["rows"].append(
-                {
-                    "mode": "compiled-default-guards",
-                    "batch": batch,
-                    "config": "unsteered",
-                    "tok_s": round(batch * new_tokens / t, 2),
-                    "ratio": round(t / ref["median_s"], 4),  # >1: hook guards cost this much (sequential)
-                    "median_s": round(t, 4),
-                    "load_average": load_average(),
-                }
-            )
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
     payload["env"]["load_average_end"] = load_average()
     payload["env"]["elapsed_s"] = round(clock.elapsed(), 1)
     write_json(out, payload)

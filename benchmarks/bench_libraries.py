@@ -131,7 +131,7 @@ def pyvene_runner(model: Any, vectors: dict[int, torch.Tensor], lam: float) -> R
 
 
 def compile_worker(lib: str) -> dict[str, Any]:
-    """In a fresh process (dsas turns on dynamo's hook guards for the whole process at its first `apply`): does
+    """In a fresh process (dynamo's settings and caches untouched by the other libraries): does
     `lib`'s steering take effect on a model compiled with `model.compile()` (a) before steering, (b) inside the
     steering block, and (c) is the model unsteered again after the block? Tiny random Llama, eager as reference."""
     import warnings

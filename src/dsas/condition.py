@@ -29,7 +29,15 @@ from dsas.gates import SiteGate
 from dsas.maps import SiteMap
 from dsas.record import pool_tokens
 from dsas.sites import Site, get_module, output_tensor, replace_output
-from dsas.steer import SiteParams, Trace, _State, hooked, pass_position, steer_tensor
+from dsas.steer import (
+    SiteParams,
+    Trace,
+    _State,
+    guard_hooks_under_compile,
+    hooked,
+    pass_position,
+    steer_tensor,
+)
 
 
 class _Decision:
@@ -154,6 +162,7 @@ def conditional_steering(
             dec.decide(output_tensor(out, condition.index).detach())
 
     with hooked(model, strength, expand, trace) as (state, handles):
+        guard_hooks_under_compile(model)  # the pre-hook and the hooks below must be seen by compiled graphs
         handles.append(model.register_forward_pre_hook(_pre_hook(dec, state.trace), with_kwargs=True))
         # Registered before the steering hooks: at a site that is both, the condition reads the unsteered output.
         handles.append(get_module(model, condition).register_forward_hook(on_condition))

@@ -1,7 +1,7 @@
-"""The steering rule as forward hooks:  z' = z + lam * g(z) * Δ(z),  per token, at every site.
+"""The steering rule at every site:  z' = z + lam * g(z) * Δ(z),  per token.
 
 `steer_tensor` is the whole rule (one screen) and the reference. `steering` installs it on a model for the span of
-a `with` block and removes every hook in `finally` (no cost outside). Every term depends only on the current
+a `with` block and removes it in `finally` (no cost outside). Every term depends only on the current
 token, so prefill and each cached decode step scale their own tokens: cached and uncached generation agree, and
 padding does not leak across rows.
 
@@ -9,14 +9,20 @@ Run-time paths (benchmarks/README.md has the measurements): eagerly, `steer_fold
 displacement: three kernels per DSAS site, one add for vanilla steering); under torch.compile, `steer_tensor` on
 the site's row of one packed parameter tensor per device (no per-site graph inputs, no graph breaks under
 `fullgraph=True`, the gate written as `(z * w).sum(-1)` so inductor fuses it with the update); with `trace=True`
-or on 4-D feature maps, `steer_tensor`. `steering` also turns on dynamo's guards on module hooks
-(`guard_hooks_under_compile`), without which a compiled model silently ignores hooks added or removed later.
+or on 4-D feature maps, `steer_tensor`.
+
+A site is steered by wrapping its module's `forward` on the instance (`wrap_forward`), not by a forward hook:
+dynamo always guards on a module's instance `forward`, so a model compiled before, inside or after `apply` runs
+the graph that matches (steered inside, unsteered outside) with dynamo's default settings, and no compiled model,
+steered or not, pays for dynamo's process-wide guards on module hooks. Module hooks are used only where dsas needs a pre-hook
+(`trace=True`, conditional steering); those turn on dynamo's hook guards (`guard_hooks_under_compile`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -400,17 +406,19 @@ def _trace_pre_hook(trace: Trace) -> Any:
 
 
 GUARD_COMPILED_HOOKS = True
-"""Let `steering` turn on torch.compile's guards on module hooks (see `guard_hooks_under_compile`)."""
+"""Let dsas turn on torch.compile's guards on module hooks where it registers one (see
+`guard_hooks_under_compile`)."""
 
 
 def guard_hooks_under_compile(model: nn.Module | None = None) -> None:
-    """Make torch.compile notice steering hooks being added and removed.
+    """Make torch.compile notice module hooks being added and removed.
 
     By default dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): a
-    graph compiled outside `apply` keeps running unsteered inside it, and one compiled inside keeps steering
-    after it (measured: silently wrong logits). `steering` calls this once: with the guards on, a compiled
-    model keeps one graph per hook set and picks the right one on every call, at the price of a few guard
-    checks per call. Graphs compiled before the guards were turned on carry none, so a model compiled before
+    graph compiled without a hook keeps running without it, and one compiled with it keeps running it after the
+    hook is removed (measured: silently wrong logits; this is how hook-based steering libraries fail under
+    compile). Site steering needs no hook (`wrap_forward`); `trace=True` and conditional steering register
+    module hooks and call this first: with the guards on, a compiled model keeps one graph per hook set and
+    picks the right one on every call, at the price of a few guard checks per call on every compiled model. Graphs compiled before the guards were turned on carry none, so a model compiled before
     its first `apply` gets a warning: call `torch._dynamo.reset()` (or compile after the first `apply`).
     Set `dsas.steer.GUARD_COMPILED_HOOKS = False` to leave dynamo's setting alone.
     """
@@ -466,9 +474,11 @@ def steering(
     trace: bool = False,
     expand: str = "interleave",
 ) -> Iterator[Trace]:
-    """Install steering hooks on `model` for the span of the block; they are removed even on error."""
+    """Steer `model`'s sites for the span of the block (wrapped forwards, see `wrap_forward`); undone even on
+    error."""
     with hooked(model, strength, expand, trace) as (state, handles):
         if state.trace is not None:
+            guard_hooks_under_compile(model)
             handles.append(model.register_forward_pre_hook(_trace_pre_hook(state.trace), with_kwargs=True))
         mods = [get_module(model, s) for s in sites]
         devs = [_module_device(mod) for mod in mods]
@@ -481,16 +491,59 @@ def steering(
         _ACTIVE[key] = state
         for s, mod, dv, code, p in zip(sites, mods, devs, codes, built, strict=True):
             hook = _make_hook(s, maps[s.name], gates[s.name], state, dv, code, p, key)
-            handles.append(mod.register_forward_hook(hook))
+            handles.append(wrap_forward(mod, hook))
         yield state.trace if state.trace is not None else Trace()
+
+
+class _Wrapped:
+    """Handle of a module whose `forward` `wrap_forward` replaced on the instance; `remove` puts it back."""
+
+    def __init__(self, mod: nn.Module, fn: Callable[..., Any], prev: Any):
+        self.mod, self.fn, self.prev = mod, fn, prev
+
+    def remove(self) -> None:
+        d = self.mod.__dict__
+        if d.get("forward") is not self.fn:
+            import warnings
+
+            warnings.warn(
+                f"{type(self.mod).__name__}.forward was replaced again while dsas steered it (by another library "
+                "or by user code): dsas leaves that replacement in place, so whatever wraps dsas' steered forward "
+                "still steers. Undo such patches before leaving `apply`.",
+                stacklevel=3,
+            )
+            return
+        if self.prev is None:
+            del d["forward"]
+        else:
+            d["forward"] = self.prev
+
+
+def wrap_forward(mod: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> _Wrapped:
+    """Run `hook(mod, args, out)` on the output of `mod` by replacing `forward` on the instance (an existing
+    instance-level forward, e.g. accelerate's, is wrapped and restored). Unlike a forward hook this needs no
+    extra dynamo guards: the instance's `forward` is already guarded, so compiled graphs see it come and go."""
+    prev = mod.__dict__.get("forward")
+    if prev is None:
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return hook(self, args, type(self).forward(self, *args, **kwargs))
+
+    else:
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return hook(self, args, prev(*args, **kwargs))
+
+    bound = types.MethodType(forward, mod)
+    mod.forward = bound
+    return _Wrapped(mod, bound, prev)
 
 
 @contextmanager
 def hooked(
     model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
-) -> Iterator[tuple[_State, list[RemovableHandle]]]:
-    """The frame every steering block shares: refuses nesting and bad options, turns on dynamo's hook guards,
-    marks the model, and removes every handle the block appends to the list, even on error."""
+) -> Iterator[tuple[_State, list[RemovableHandle | _Wrapped]]]:
+    """The frame every steering block shares: refuses nesting and bad options, marks the model, and removes every handle the block appends to the list, even on error."""
     if getattr(model, "_dsas_steering", False):
         raise RuntimeError(
             "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
@@ -501,8 +554,7 @@ def hooked(
             "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
         )
     state = _State(as_strength(strength), expand, Trace() if trace else None)
-    guard_hooks_under_compile(model)
-    handles: list[RemovableHandle] = []
+    handles: list[RemovableHandle | _Wrapped] = []
     try:
         model._dsas_steering = True  # type: ignore[assignment]
         yield state, handles
