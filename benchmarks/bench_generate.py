@@ -280,8 +280,8 @@ def main() -> None:
             )
         write_json(out, payload)
 
-    payload["hooks_left_outside_apply"] = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+    payload["hooks_left_outside_apply"] = sum(  # hooks and wrapped (instance-level) forwards
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in model.modules()
     )
     payload["env"]["load_average_end"] = load_average()
     payload["env"]["elapsed_s"] = round(clock.elapsed(), 1)

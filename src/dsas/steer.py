@@ -14,8 +14,9 @@ or on 4-D feature maps, `steer_tensor`.
 A site is steered by wrapping its module's `forward` on the instance (`wrap_forward`), not by a forward hook:
 dynamo always guards on a module's instance `forward`, so a model compiled before, inside or after `apply` runs
 the graph that matches (steered inside, unsteered outside) with dynamo's default settings, and no compiled model,
-steered or not, pays for dynamo's process-wide guards on module hooks. Module hooks are used only where dsas needs a pre-hook
-(`trace=True`, conditional steering); those turn on dynamo's hook guards (`guard_hooks_under_compile`).
+steered or not, pays for dynamo's process-wide guards on module hooks. Module hooks are used only where dsas
+needs a pre-hook (`trace=True`, conditional steering); those turn on dynamo's hook guards
+(`guard_hooks_under_compile`).
 """
 
 from __future__ import annotations
@@ -418,8 +419,9 @@ def guard_hooks_under_compile(model: nn.Module | None = None) -> None:
     hook is removed (measured: silently wrong logits; this is how hook-based steering libraries fail under
     compile). Site steering needs no hook (`wrap_forward`); `trace=True` and conditional steering register
     module hooks and call this first: with the guards on, a compiled model keeps one graph per hook set and
-    picks the right one on every call, at the price of a few guard checks per call on every compiled model. Graphs compiled before the guards were turned on carry none, so a model compiled before
-    its first `apply` gets a warning: call `torch._dynamo.reset()` (or compile after the first `apply`).
+    picks the right one on every call, at the price of a few guard checks per call on every compiled model.
+    Graphs compiled before the guards were turned on carry none, so a model compiled before such a block gets a
+    warning: call `torch._dynamo.reset()` (or compile after the first such block).
     Set `dsas.steer.GUARD_COMPILED_HOOKS = False` to leave dynamo's setting alone.
     """
     if not GUARD_COMPILED_HOOKS:
@@ -508,8 +510,8 @@ class _Wrapped:
 
             warnings.warn(
                 f"{type(self.mod).__name__}.forward was replaced again while dsas steered it (by another library "
-                "or by user code): dsas leaves that replacement in place, so whatever wraps dsas' steered forward "
-                "still steers. Undo such patches before leaving `apply`.",
+                "or by user code): dsas leaves that replacement in place, and if it calls dsas' steered forward the "
+                "module keeps steering until it is undone. Undo such patches before leaving `apply`.",
                 stacklevel=3,
             )
             return
@@ -543,7 +545,8 @@ def wrap_forward(mod: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> 
 def hooked(
     model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
 ) -> Iterator[tuple[_State, list[RemovableHandle | _Wrapped]]]:
-    """The frame every steering block shares: refuses nesting and bad options, marks the model, and removes every handle the block appends to the list, even on error."""
+    """The frame every steering block shares: refuses nesting and bad options, marks the model, and removes every
+    handle (hook or wrapped forward) the block appends to the list, even on error."""
     if getattr(model, "_dsas_steering", False):
         raise RuntimeError(
             "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
