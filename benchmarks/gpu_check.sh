@@ -27,6 +27,13 @@ $PY benchmarks/bench_generate.py --shape qwen2.5-1.5b --plan "$PLAN" --configs "
 LEFT=$((DEADLINE - SECONDS)); [ "$LEFT" -gt 240 ] && LEFT=240
 [ "$LEFT" -ge "${GRAPH_MIN_S:-60}" ] && timeout "$LEFT" $PY benchmarks/bench_graph.py --shape qwen2.5-1.5b --layers 8 --configs unsteered,dsas --cudagraphs ${GRAPH_ARGS:-} \
   --rounds 7 --out "$OUT/graph_qwen2.5-1.5b-8l_cuda.json" 2>&1 | grep -v "Warning" | tail -n 12
+# Optional (PROFILE=1): host-side profile of the compiled decode loop, steered vs unsteered (3 files; ~2-3 min).
+# With PROFILE=1 set HOOKS=0 (or skip the graph step) to stay within the 8 files a device call brings back.
+if [ "${PROFILE:-0}" = 1 ]; then
+  LEFT=$((DEADLINE - SECONDS))
+  [ "$LEFT" -ge 90 ] && timeout "$LEFT" $PY benchmarks/profile_decode.py --shape qwen2.5-1.5b --new-tokens 64 \
+    --out-dir "$OUT" 2>&1 | grep -v "Warning\|USDT" | tail -n 40
+fi
 # Optional (LIBS=1): dsas against steering-vectors / repeng / pyvene. The GPU machine has no network: copy their
 # wheels into benchmarks/wheels/ first (pip download --no-deps -d benchmarks/wheels -r benchmarks/requirements-libraries.txt)
 # and carry that folder.
