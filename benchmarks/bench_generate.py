@@ -27,6 +27,7 @@ import torch
 from common import (
     Clock,
     add_common_args,
+    compile_config,
     environment,
     interleave,
     load,
@@ -169,11 +170,7 @@ def main() -> None:
         payload["fit"][st_name]["apply_enter_exit_ms"] = round(sorted(ts)[5] * 1e3, 3)
     write_json(out, payload)
 
-    from transformers import CompileConfig
-
-    cc = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
-    if not cuda:
-        cc._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles on accelerators only unless told
+    cc = compile_config(dev)
 
     from transformers import LogitsProcessor, LogitsProcessorList
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from bench_graph import make_model, make_steerer
-from common import setup
+from common import compile_config, setup
 
 
 def main() -> None:
@@ -46,7 +46,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     from torch.profiler import ProfilerActivity, profile
-    from transformers import CompileConfig
 
     model = make_model(args.shape, layers, dev, dtype)
     model.generation_config.pad_token_id = 0
@@ -55,9 +54,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=g).to(dev)
     cuda = dev.type == "cuda"
-    cc = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
-    if not cuda:
-        cc._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles on accelerators only unless told
+    cc = compile_config(dev)
 
     def generate(cfg: str) -> Any:
         ctx = steerer.apply(model, strength=2.0) if cfg == "dsas" else contextlib.nullcontext()
