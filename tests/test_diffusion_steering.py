@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+import dsas
 from dsas import Steerer
 from dsas.diffusion import DigitsDiffusion, load_digits_model, load_real_digits
 from dsas.diffusion.demo import quick_config, run_diffusion_demo
@@ -21,8 +22,8 @@ from dsas.diffusion.steering import (
     clip_image_similarity,
     clip_score,
     default_sites,
+    ImageSets,
     digits_calls,
-    fit_diffusion,
     gate_maps,
     noised_calls,
     record_images,
@@ -31,6 +32,13 @@ from dsas.diffusion.steering import (
 from dsas.gates import SiteGate
 
 CONCEPT, TARGET, STEPS = 3, 8, 4
+
+
+def fit_images(model: Any, source: Any, target: Any, control: Any = None, gate: str = "dsas", **kw: Any) -> Steerer:
+    """dsas.fit on image sets; a DSAS regulator labels every (image, timestep) unless told otherwise."""
+    if gate == "dsas":
+        kw.setdefault("features", "tokens")
+    return dsas.fit(model, ImageSets(source, target, control), gate=gate, progress=False, **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,8 +73,8 @@ def sets(digits: DigitsDiffusion) -> dict[str, list[DenoiserCall]]:
 def steerers(digits: DigitsDiffusion, sets: dict[str, Any]) -> dict[str, Steerer]:
     s, t, c = sets["source"], sets["target"], sets["control"]
     return {
-        "caa": fit_diffusion(digits.unet, s, t, None, gate="none"),
-        "dsas": fit_diffusion(digits.unet, s, t, c, gate="dsas"),
+        "caa": fit_images(digits.unet, s, t, None, gate="none"),
+        "dsas": fit_images(digits.unet, s, t, c, gate="dsas"),
     }
 
 
@@ -192,7 +200,8 @@ def test_scales_are_per_location_at_every_step(digits: DigitsDiffusion, steerers
 
 def test_dsas_gate_selects_the_concept_class(digits: DigitsDiffusion, steerers: dict[str, Steerer]) -> None:
     d = steerers["dsas"]
-    assert d.config["steps"] == "each" and d.config["n_images"] == {"source": 16, "target": 16, "control": 18}
+    assert d.config["options"]["dsas"]["features"] == "tokens"  # every (image, timestep) labelled
+    assert d.config["n_prompts"] == {"source": 16, "target": 16, "control": 18}
     acc = {r["site"]: r["accuracy"] for r in d.report()}
     assert min(acc[s] for s in ("mid_block.resnets.0", "mid_block.resnets.1", "up_blocks.0.resnets.0")) > 0.95
     classes = [CONCEPT] * 4 + [c for c in range(10) if c != CONCEPT]
@@ -231,7 +240,7 @@ def test_save_load_gives_identical_images(
     d = steerers["dsas"]
     d.save(tmp_path / "st")
     cfg = json.loads((tmp_path / "st" / "dsas_config.json").read_text())
-    assert cfg["config"]["domain"] == "diffusion" and cfg["fingerprint"]["architecture"] == "UNet2DModel"
+    assert cfg["config"]["domain"] == "images" and cfg["fingerprint"]["architecture"] == "UNet2DModel"
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "st").iterdir())
     loaded = Steerer.load(tmp_path / "st", model=digits.unet)
     assert loaded.steered == d.steered
@@ -248,15 +257,15 @@ def test_fit_diffusion_accepts_recorded_activations_and_checks_options(
     sites = resolve_denoiser_sites(digits.unet)
     src = record_images(digits.unet, sets["source"], sites)
     tgt = record_images(digits.unet, sets["target"], sites)
-    st = fit_diffusion(digits.unet, src, tgt, gate="none")
+    st = fit_images(digits.unet, src, tgt, gate="none")
     for n in st.site_names:
         torch.testing.assert_close(st.maps[n].shift, steerers["caa"].maps[n].shift)
     with pytest.raises(ValueError, match="control"):
-        fit_diffusion(digits.unet, src, tgt, None, gate="dsas")
+        fit_images(digits.unet, src, tgt, None, gate="dsas")
     with pytest.raises(TypeError, match="Unknown option"):
-        fit_diffusion(digits.unet, src, tgt, src, gate="dsas", pca=3)
+        fit_images(digits.unet, src, tgt, src, gate="dsas", pca=3)
     with pytest.raises(ValueError, match="gate="):
-        fit_diffusion(digits.unet, src, tgt, src, gate="e2e-relu")
+        fit_images(digits.unet, src, tgt, src, gate="e2e-relu")
 
 
 def test_demo_quick_run_shows_selectivity(tmp_path: Path) -> None:
@@ -380,8 +389,10 @@ def test_text_to_image_pipeline_is_steered_per_location_with_cfg(tiny_sd: Any, t
     )
     ctl = noised_calls(pipe.scheduler, torch.randn(8, 4, 8, 8, generator=g), ts, seed=1,
                        encoder_hidden_states=_embed(pipe, ["a photo of a dog"] * 4 + ["a red car"] * 4))  # fmt: skip
-    st = fit_diffusion(pipe.unet, src, tgt, ctl, gate="dsas", acc_threshold=0.5)
+    # Only the cross-attention ResNets see the text: steer every site (inactive="keep") so that they are in.
+    st = fit_images(pipe.unet, src, tgt, ctl, gate="dsas", acc_threshold=0.5, inactive="keep")
     assert st.steered and st.fingerprint["architecture"] == "UNet2DConditionModel"
+    assert any(not st.maps[n].is_zero() for n in st.steered)
     prompts, seeds = ["a photo of a cat", "a photo of a dog"], [0, 1]
     plain = _sd_images(pipe, prompts, seeds)
     with st.apply(pipe.unet, strength=0.0, expand="tile"):
@@ -426,7 +437,7 @@ def test_transformer_denoiser_is_steered_per_image_token(tiny_dit: Any) -> None:
                             class_labels=torch.arange(3, 11)))  # fmt: skip
     acts = record_images(dit, src, resolve_denoiser_sites(dit))
     assert acts["transformer_blocks.0"].shape == (8, 16)  # pooled over the 16 image tokens (4x4 patches)
-    st = fit_diffusion(dit, src, tgt, ctl, gate="dsas", acc_threshold=0.5)
+    st = fit_images(dit, src, tgt, ctl, gate="dsas", acc_threshold=0.5)
     assert st.fingerprint["architecture"] == "DiTTransformer2DModel" and st.steered
 
     def run() -> torch.Tensor:
@@ -468,7 +479,7 @@ def test_flux_style_blocks_steer_their_image_stream() -> None:
     )  # fmt: skip
     x = torch.randn(6, 16, 4, generator=g)  # packed latents: 16 image tokens
     t = torch.full((6,), 0.5)
-    st = fit_diffusion(
+    st = fit_images(
         flux, [DenoiserCall(x, t, cond)], [DenoiserCall(x + 1, t, cond)], [DenoiserCall(-x, t, cond)],
         gate="dsas", acc_threshold=0.5,
     )  # fmt: skip
@@ -538,7 +549,36 @@ def test_strength_zero_is_bit_identical_on_a_float64_unet() -> None:
     x, y = load_real_digits("train")
     src = digits_calls(model, x[y == 3][:8], [3] * 8, [500])
     tgt = [DenoiserCall(c.sample, c.timestep, {"class_labels": torch.full((8,), 8)}) for c in src]
-    st = fit_diffusion(model.unet, src, tgt, gate="none", sites="mid_block")
+    st = fit_images(model.unet, src, tgt, gate="none", sites="mid_block")
     plain = model.sample([3, 5], seed=0, steps=2)
     with st.apply(model.unet, strength=0.0):
         assert torch.equal(model.sample([3, 5], seed=0, steps=2), plain)
+
+
+@pytest.mark.parametrize("method", ["caa", "iti", "linear_act"])
+@pytest.mark.parametrize("gate", ["none", "dsas"])
+def test_every_map_method_steers_the_digits_model(
+    digits: DigitsDiffusion, sets: dict[str, Any], method: str, gate: str, tmp_path: Path
+) -> None:
+    """One fit pipeline: the model-agnostic maps fit on denoiser activations, with and without DSAS."""
+    kw = {"control": sets["control"], "acc_threshold": 0.5} if gate == "dsas" else {}
+    st = fit_images(digits.unet, sets["source"], sets["target"], gate=gate, method=method, **kw)
+    assert st.method == method and st.config["domain"] == "images" and st.steered
+    plain = digits.sample(CLASSES, seed=3, steps=STEPS)
+    with st.apply(digits.unet, strength=0.0):
+        assert torch.equal(digits.sample(CLASSES, seed=3, steps=STEPS), plain)
+    with st.apply(digits.unet, strength=4.0):
+        steered = digits.sample(CLASSES, seed=3, steps=STEPS)
+    assert not torch.allclose(steered, plain, atol=1e-3)
+    st.save(tmp_path / "st")
+    back = Steerer.load(tmp_path / "st", model=digits.unet)
+    with back.apply(digits.unet, strength=4.0):
+        assert torch.equal(digits.sample(CLASSES, seed=3, steps=STEPS), steered)
+
+
+@pytest.mark.parametrize(("method", "gate"), [("lineas", "none"), ("lineas", "e2e-sigmoid"), ("caa", "threshold")])
+def test_text_only_components_say_so_on_images(
+    digits: DigitsDiffusion, sets: dict[str, Any], method: str, gate: str
+) -> None:
+    with pytest.raises(ValueError, match="needs a text model"):
+        fit_images(digits.unet, sets["source"], sets["target"], sets["control"], gate=gate, method=method)

@@ -11,7 +11,6 @@ import dsas
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap
 from dsas.sites import get_module, output_tensor, replace_output
-from dsas.steer import SiteParams, steer_tensor
 
 PROMPTS = ["you stupid idiot and", "the city river history is", "a nice kind friend"]
 
@@ -142,6 +141,89 @@ def test_per_row_strength(arch_model, tiny_tok, steerer):
         _logits(arch_model, tiny_tok)
 
 
+def test_strength_list_that_only_divides_the_batch_is_refused(arch_model, tiny_tok, steerer):
+    """[a, b] for four rows is neither one value nor one per row: an error, never a silent [a, a, b, b]."""
+    texts = [*PROMPTS, "the king"]
+    with pytest.raises(ValueError, match="2 values"), steerer.apply(arch_model, strength=[1.0, 2.0]):
+        _logits(arch_model, tiny_tok, texts)
+    enc = tiny_tok(texts, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="2 values"), steerer.apply(arch_model, strength=[1.0, 2.0]):
+        arch_model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+
+def test_per_row_strength_with_num_return_sequences(arch_model, left_tok, steerer):
+    enc = left_tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    plain = arch_model.generate(**enc, **kw)
+    with steerer.apply(arch_model, strength=[0.0, 40.0]):
+        mixed = arch_model.generate(**enc, **kw)
+    assert torch.equal(mixed[:2], plain[:2])  # prompt 0's sequences are unsteered
+
+
+def test_copies_made_inside_apply_are_not_steered(arch_model, tiny_tok, steerer):
+    import copy
+    import pickle
+
+    ref = _logits(arch_model, tiny_tok)
+    with steerer.apply(arch_model, strength=8.0):
+        steered = _logits(arch_model, tiny_tok)
+        clone = copy.deepcopy(arch_model)
+        pickled = pickle.loads(pickle.dumps(arch_model))
+    assert not torch.equal(ref, steered)
+    for m in (clone, pickled):
+        assert torch.equal(_logits(m, tiny_tok), ref)
+        assert not any("forward" in x.__dict__ or "__deepcopy__" in x.__dict__ for x in m.modules())
+        assert not getattr(m, "_dsas_steering", False)
+        with steerer.apply(m, strength=8.0):  # and a copy can be steered on its own
+            assert torch.equal(_logits(m, tiny_tok), steered)
+    assert not any("forward" in x.__dict__ for x in arch_model.modules())
+
+
+def test_apply_without_with_warns(arch_model, steerer):
+    import gc
+
+    with pytest.warns(RuntimeWarning, match="without `with`"):
+        steerer.apply(arch_model, 8.0)
+        gc.collect()
+
+
+def test_gradient_checkpointing_with_grad_warns(tiny_tok, engine_sets):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama", len(tiny_tok))
+    st = dsas.fit(model, tiny_tok, engine_sets, gate="none", progress=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.warns(UserWarning, match="inside the `apply` block"), st.apply(model, 1.0):
+        pass
+    model.eval()
+
+
+def test_streaming_generation_outliving_the_block_warns(arch_model, left_tok, steerer):
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    enc = left_tok(PROMPTS[:1], return_tensors="pt")
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(TextIteratorStreamer):
+        def put(self, value):
+            started.set()
+            release.wait(10)
+            super().put(value)
+
+    streamer = Slow(left_tok)
+    kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, streamer=streamer)
+    with pytest.warns(UserWarning, match="still running"), steerer.apply(arch_model, 4.0):
+        t = threading.Thread(target=arch_model.generate, kwargs={**enc, **kw})
+        t.start()
+        started.wait(10)
+    release.set()
+    t.join(20)
+    list(streamer)
+
+
 def test_per_row_strength_with_beams(arch_model, left_tok, steerer):
     enc = left_tok(PROMPTS[:2], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
@@ -183,34 +265,3 @@ def test_bf16_model_keeps_dtype(tiny_tok, engine_sets):
         with st.apply(model, strength=4.0):
             out = model(**enc).logits
     assert out.dtype == torch.bfloat16 and torch.equal(ref, same) and torch.isfinite(out).all()
-
-
-def test_steer_tensor_matches_reference_formula():
-    torch.manual_seed(0)
-    d = 16
-    z = torch.randn(2, 5, d)
-    m = SiteMap(torch.randn(d), torch.randn(d) * 0.1, lo=torch.full((d,), -1.0), hi=torch.full((d,), 1.0))
-    for g in (
-        SiteGate("sigmoid", torch.randn(d), 0.3, 0.7),
-        SiteGate("relu", torch.randn(d), 0.1),
-        SiteGate(),
-    ):
-        lam = torch.tensor([0.5, 2.0])
-        y, a = steer_tensor(z, SiteParams.build(m, g, z.device), lam)
-        expect_a = lam[:, None] * g.value(z)
-        torch.testing.assert_close(a, expect_a)
-        torch.testing.assert_close(y, z + expect_a[..., None] * m.displacement(z))
-
-
-def test_steer_tensor_feature_maps_are_per_location():
-    """[B, C, H, W] outputs: each spatial location is a token whose C-vector is steered."""
-    torch.manual_seed(0)
-    c = 8
-    x = torch.randn(2, c, 3, 4)
-    g = SiteGate("sigmoid", torch.randn(c), 0.0)
-    m = SiteMap(torch.randn(c))
-    y, a = steer_tensor(x, SiteParams.build(m, g, x.device), torch.tensor([1.0, 3.0]))
-    assert a.shape == (2, 3, 4) and y.shape == x.shape
-    zz = x.movedim(1, -1)
-    ref = zz + (torch.tensor([1.0, 3.0]).view(2, 1, 1) * g.value(zz))[..., None] * m.shift
-    torch.testing.assert_close(y, ref.movedim(-1, 1))

@@ -7,9 +7,10 @@ per-site, per-token gate. See README.md and docs/.
 """
 
 from dsas.calibrate import Calibration, calibrate_strength
+from dsas.condition import Condition, ThresholdConfig
 from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
 from dsas.fit import FitConfig, fit
-from dsas.gates import DSASConfig, SiteGate, ThresholdConfig
+from dsas.gates import DSASConfig, SiteGate
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap
 from dsas.models import ModelUnavailableError, load_model
 from dsas.sites import Site, resolve_sites
@@ -19,10 +20,12 @@ from dsas.train import E2EConfig, LinEASConfig
 
 __all__ = [
     "Calibration",
+    "Condition",
     "DSASConfig",
     "E2EConfig",
     "FitConfig",
     "ITIConfig",
+    "ImageSets",
     "LinEASConfig",
     "LinearActConfig",
     "ModelUnavailableError",
@@ -40,4 +43,13 @@ __all__ = [
     "load_prompt_sets",
     "resolve_sites",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> object:
+    # ImageSets lives with the diffusion code, whose package imports diffusers (an optional extra): load it on use.
+    if name == "ImageSets":
+        from dsas.diffusion.steering import ImageSets
+
+        return ImageSets
+    raise AttributeError(f"module 'dsas' has no attribute {name!r}")

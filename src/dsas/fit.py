@@ -1,32 +1,39 @@
-"""`dsas.fit`: record activations once, fit the map ("how") and the gate ("when") per site, return a Steerer.
+"""`dsas.fit`: one pipeline for text and images. Record activations once, fit the map ("how") and the gate
+("when") per site, return a `Steerer`.
 
-Methods and gates are looked up in two registries, so a new one is a function plus a config dataclass:
+    data    = what to record from: `PromptSets` (+ tokenizer) for a language model, `ImageSets` for a denoiser;
+              it knows how to record itself at a list of sites (`FitData.record`).
+    method  = fn(ctx) -> {site: SiteMap}                 register_method("caa", fn)
+    gate    = fn(ctx) -> Gates                           register_gate("dsas", fn, configs={"dsas": DSASConfig})
+    joint   = a gate that trains its method's maps with it (LinEAS + E2E-DSAS): fn(ctx) -> Gates with maps.
 
-    register_method("caa", (), fit_fn)              fit_fn(ctx) -> {site: SiteMap}
-    register_gate("dsas", (DSASConfig,), gate_fn)   gate_fn(ctx, maps) -> GateResult
-
-A config class `FooConfig` is reachable as `ctx.options["foo"]`, and its fields as keyword options of `fit`.
+Each component names its config dataclasses with the keys under which they are saved and passed to `fit`
+(`dsas=DSASConfig(...)`). A keyword option goes to the one config that has that field; a field two configs share
+must be given through its config (`dsas=DSASConfig(C=2)`) or dotted (`**{"dsas.C": 2}`, the CLI's `--option
+dsas.C=2`); `seed` is FitConfig's and reaches every component.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
-from dsas.gates import DSASConfig, SiteGate, ThresholdConfig, fit_regulator, fit_threshold
+from dsas.gates import DSASConfig, SiteGate, fit_regulator
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
 from dsas.record import record
-from dsas.sites import Site, find_blocks, fingerprint, resolve_sites
+from dsas.sites import Site, fingerprint, resolve_sites
 from dsas.steer import steering
 from dsas.steerer import Steerer
-from dsas.train import E2EConfig, LinEASConfig, train_maps
+from dsas.train import E2E_KINDS, E2EConfig, LinEASConfig, train_maps
 
 
 @dataclass
@@ -38,112 +45,182 @@ class FitConfig:
     max_length: int = 128
     """Prompts are truncated to this many tokens."""
     seed: int = 0
-    """Seeds everything random in fitting (CV folds, initialisations, resampling)."""
+    """Seeds everything random in fitting (CV folds, probe splits, initialisations, resampling)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ValueError(f"FitConfig.batch_size must be an integer >= 1, got {self.batch_size!r}.")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 1:
+            raise ValueError(f"FitConfig.max_length must be an integer >= 1, got {self.max_length!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"FitConfig.seed must be an integer, got {self.seed!r}.")
+
+
+# ---- data: what fit records from ------------------------------------------------------------------------
+
+
+@runtime_checkable
+class FitData(Protocol):
+    """Source / target / control examples that can record their activations at a list of sites."""
+
+    kind: str
+    """"text" or "images": what the model consumes (some components need a text model)."""
+    name: str
+
+    def validate(self, need_control: bool) -> None: ...
+
+    def sizes(self) -> dict[str, int]: ...
+
+    def resolve_sites(
+        self, model: nn.Module, sites: str | Sequence[str], layers: Sequence[int] | None
+    ) -> list[Site]: ...
+
+    def record(
+        self, model: nn.Module, split: str, sites: list[Site], pool: str, cfg: FitConfig, progress: bool
+    ) -> dict[str, Any]:
+        """{site: Tensor[n, d]} for pool="mean"; {site: list of Tensor[K_i, d]} for pool="all" (the tokens of
+        each example: a prompt's tokens, an image's timesteps). Steering active on `model` is seen."""
+        ...
+
+
+@dataclass
+class TextData:
+    """Prompt sets and the tokenizer that feeds them to a language model."""
+
+    sets: PromptSets
+    tokenizer: Any
+    kind: str = "text"
+
+    @property
+    def name(self) -> str:
+        return self.sets.name
+
+    def validate(self, need_control: bool) -> None:
+        self.sets.validate(need_control=need_control)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self.sets, k)) for k in ("source", "target", "control")}
+
+    def resolve_sites(
+        self, model: nn.Module, sites: str | Sequence[str], layers: Sequence[int] | None
+    ) -> list[Site]:
+        return resolve_sites(model, sites, layers)
+
+    def record(
+        self, model: nn.Module, split: str, sites: list[Site], pool: str, cfg: FitConfig, progress: bool
+    ) -> dict[str, Any]:
+        return record(
+            model,
+            self.tokenizer,
+            getattr(self.sets, split),
+            sites,
+            pool=pool,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            progress=progress,
+            desc=f"recording {split}",
+        )
+
+
+# ---- the context a component sees -----------------------------------------------------------------------
 
 
 @dataclass
 class FitContext:
-    """What a method or gate sees: the model, the sets, the sites, options, and cached recordings."""
+    """What a method or gate sees: the model, the data, the sites, options, and cached recordings."""
 
     model: nn.Module
-    tokenizer: Any
-    sets: PromptSets
+    data: FitData
     sites: list[Site]
     fit: FitConfig
     options: dict[str, Any]
+    """Config objects by key ("dsas", "iti", ...)."""
     progress: bool = True
-    _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
-    method: str = ""
-    """Name of the method being fitted (a gate trained jointly with its maps checks it)."""
-    gate: str = ""
-    """Name of the gate being fitted (a method whose maps a gate trains jointly skips its own training)."""
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-site diagnostics a method reports (e.g. ITI probe accuracies); merged into `Steerer.stats`."""
+    """Per-site diagnostics a component reports; merged into `Steerer.stats`."""
     summary: dict[str, Any] = field(default_factory=dict)
     """Fit-wide diagnostics (e.g. the training curve's ends); saved as `config["training"]`."""
+    _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def acts(self, split: str, pool: str = "mean") -> dict[str, Any]:
-        """Unsteered activations of one split ("source", "target", "control") at every site, cached."""
+        """Unsteered activations of one split at every site, cached."""
         key = (split, pool)
         if key not in self._cache:
-            texts = getattr(self.sets, split)
-            self._cache[key] = record(
-                self.model,
-                self.tokenizer,
-                texts,
-                self.sites,
-                pool=pool,
-                batch_size=self.fit.batch_size,
-                max_length=self.fit.max_length,
-                progress=self.progress,
-                desc=f"recording {split}",
-            )
+            self._cache[key] = self.record(split, self.sites, pool, self.progress)
         return self._cache[key]
+
+    def record(
+        self, split: str, sites: list[Site], pool: str = "mean", progress: bool = False
+    ) -> dict[str, Any]:
+        """Activations of one split at `sites` now (steering active on the model is seen); not cached."""
+        return self.data.record(self.model, split, sites, pool, self.fit, progress)
+
+    @property
+    def tokenizer(self) -> Any:
+        if not isinstance(self.data, TextData):
+            raise TypeError("this component needs a text model and its tokenizer")
+        return self.data.tokenizer
 
 
 @dataclass
-class GateResult:
+class Gates:
+    """What a gate fitter returns: a gate per site, the sites steered at run time, and per-site stats."""
+
     gates: dict[str, SiteGate]
     steered: list[str]
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     maps: dict[str, SiteMap] | None = None
-    """Set by gates trained jointly with their maps (E2E-DSAS); replaces the method's maps."""
+    """Set by joint fitters (LinEAS + E2E-DSAS), which train the maps with their gates."""
+    condition: Condition | None = None
+    """Set by the CAST-style threshold baseline: a prompt-level decision instead of a per-token gate."""
 
 
 MethodFn = Callable[[FitContext], dict[str, SiteMap]]
-GateFn = Callable[[FitContext, dict[str, SiteMap]], GateResult]
-METHODS: dict[str, tuple[tuple[type, ...], MethodFn]] = {}
-GATES: dict[str, tuple[tuple[type, ...], GateFn, bool]] = {}
+GateFn = Callable[[FitContext], Gates]
 
 
-def register_method(name: str, configs: tuple[type, ...], fn: MethodFn) -> None:
-    METHODS[name] = (configs, fn)
+@dataclass(frozen=True)
+class Component:
+    """A registered method or gate."""
+
+    fn: Callable[[FitContext], Any]
+    configs: dict[str, type] = field(default_factory=dict)
+    """Config classes by option key."""
+    needs_control: bool = False
+    text_only: bool = False
+    """Needs a text model (it re-runs prompts through it, or reads token sequences)."""
+    joint: str | None = None
+    """For a gate that trains its maps jointly: the only method it works with (that method's fn is skipped)."""
+
+
+METHODS: dict[str, Component] = {}
+GATES: dict[str, Component] = {}
+
+
+def register_method(
+    name: str, fn: MethodFn, configs: dict[str, type] | None = None, *, text_only: bool = False
+) -> None:
+    METHODS[name] = Component(fn, dict(configs or {}), text_only=text_only)
 
 
 def register_gate(
     name: str,
-    configs: tuple[type, ...],
     fn: GateFn,
+    configs: dict[str, type] | None = None,
+    *,
     needs_control: bool = True,
-    methods: tuple[str, ...] | None = None,
+    text_only: bool = False,
+    joint: str | None = None,
 ) -> None:
-    """`methods`: the only methods this gate works with (checked before anything is fitted); None: any."""
-    GATES[name] = (configs, fn, needs_control)
-    if methods is not None:
-        GATE_METHODS[name] = methods
-    else:
-        GATE_METHODS.pop(name, None)
+    GATES[name] = Component(fn, dict(configs or {}), needs_control, text_only, joint)
 
 
-GATE_METHODS: dict[str, tuple[str, ...]] = {}
-
-
-def config_key(cls: type) -> str:
-    """DSASConfig -> "dsas": the name under which a config lives in ctx.options and in `fit(**options)`."""
-    return cls.__name__.removesuffix("Config").lower()
+# ---- built-in methods ------------------------------------------------------------------------------------
 
 
 def _caa(ctx: FitContext) -> dict[str, SiteMap]:
     src, tgt = ctx.acts("source"), ctx.acts("target")
     return {s.name: fit_caa(src[s.name], tgt[s.name]) for s in ctx.sites}
-
-
-def _gate_none(ctx: FitContext, maps: dict[str, SiteMap]) -> GateResult:
-    return GateResult({s.name: SiteGate() for s in ctx.sites}, [s.name for s in ctx.sites])
-
-
-def _gate_dsas(ctx: FitContext, maps: dict[str, SiteMap]) -> GateResult:
-    cfg: DSASConfig = ctx.options["dsas"]
-    pool = "all" if cfg.features == "tokens" else "mean"
-    src, ctl = ctx.acts("source", pool), ctx.acts("control", pool)
-    gates, steered, stats = {}, [], {}
-    for s in ctx.sites:
-        r = fit_regulator(src[s.name], ctl[s.name], cfg)
-        gates[s.name] = r.gate
-        stats[s.name] = {"active": r.active, **r.stats}
-        if r.steered:
-            steered.append(s.name)
-    return GateResult(gates, steered, stats)
 
 
 def _iti(ctx: FitContext) -> dict[str, SiteMap]:
@@ -161,7 +238,7 @@ def _iti(ctx: FitContext) -> dict[str, SiteMap]:
 def _linear_act(ctx: FitContext) -> dict[str, SiteMap]:
     """Linear-AcT, incrementally: site l is fitted on source activations recorded with sites < l steered
     (strength 1, no gate); targets are the unsteered target activations."""
-    cfg: LinearActConfig = ctx.options["linearact"]
+    cfg: LinearActConfig = ctx.options["linear_act"]
     src, tgt = ctx.acts("source"), ctx.acts("target")
     maps: dict[str, SiteMap] = {}
     for i, s in enumerate(ctx.sites):
@@ -169,36 +246,18 @@ def _linear_act(ctx: FitContext) -> dict[str, SiteMap]:
         if cfg.incremental and i > 0:
             up = ctx.sites[:i]
             with steering(ctx.model, up, maps, {u.name: SiteGate() for u in up}, 1.0):
-                x = record(
-                    ctx.model,
-                    ctx.tokenizer,
-                    ctx.sets.source,
-                    [s],
-                    batch_size=ctx.fit.batch_size,
-                    max_length=ctx.fit.max_length,
-                    progress=False,
-                )[s.name]
+                x = ctx.record("source", [s])[s.name]
         maps[s.name] = fit_linear_act(x, tgt[s.name], cfg.quantiles)
     return maps
 
 
-E2E_GATES = {"e2e-sigmoid": "sigmoid", "e2e-relu": "relu"}
-
-
 def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
-    tgt = ctx.acts("target")
-    if ctx.gate in E2E_GATES:
-        # The E2E gate trains these maps jointly with itself, from the identity (paper Alg. 3).
-        return {
-            s.name: SiteMap(torch.zeros(tgt[s.name].shape[1]), torch.zeros(tgt[s.name].shape[1]))
-            for s in ctx.sites
-        }
     res = train_maps(
         ctx.model,
         ctx.tokenizer,
         ctx.sites,
-        ctx.sets.source,
-        tgt,
+        ctx.data.sets.source,  # type: ignore[attr-defined]
+        ctx.acts("target"),
         ctx.options["lineas"],
         max_length=ctx.fit.max_length,
         chunk=ctx.fit.batch_size,
@@ -206,6 +265,27 @@ def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
     )
     ctx.summary = res.summary()
     return res.maps
+
+
+# ---- built-in gates --------------------------------------------------------------------------------------
+
+
+def _gate_none(ctx: FitContext) -> Gates:
+    return Gates({s.name: SiteGate() for s in ctx.sites}, [s.name for s in ctx.sites])
+
+
+def _gate_dsas(ctx: FitContext) -> Gates:
+    cfg: DSASConfig = ctx.options["dsas"]
+    pool = "all" if cfg.features == "tokens" else "mean"
+    src, ctl = ctx.acts("source", pool), ctx.acts("control", pool)
+    gates, steered, stats = {}, [], {}
+    for s in ctx.sites:
+        r = fit_regulator(src[s.name], ctl[s.name], cfg, ctx.fit.seed)
+        gates[s.name] = r.gate
+        stats[s.name] = {"active": r.active, **r.stats}
+        if r.steered:
+            steered.append(s.name)
+    return Gates(gates, steered, stats)
 
 
 def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float]]:
@@ -217,7 +297,7 @@ def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float
     src, ctl = ctx.acts("source"), ctx.acts("control")
     init = {}
     for s in ctx.sites:
-        g = fit_regulator(src[s.name], ctl[s.name], dcfg).gate  # one BLAS thread inside
+        g = fit_regulator(src[s.name], ctl[s.name], dcfg, ctx.fit.seed).gate
         assert g.w is not None
         u, c = g.w.float(), float(g.b)
         if kind == "relu":
@@ -231,19 +311,19 @@ def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float
 
 
 def _gate_e2e(kind: str) -> GateFn:
-    def fn(ctx: FitContext, maps: dict[str, SiteMap]) -> GateResult:
+    def fn(ctx: FitContext) -> Gates:
         ecfg: E2EConfig = ctx.options["e2e"]
-        init = _e2e_init(ctx, kind) if ecfg.warm_start else None
+        sets: PromptSets = ctx.data.sets  # type: ignore[attr-defined]
         res = train_maps(
             ctx.model,
             ctx.tokenizer,
             ctx.sites,
-            ctx.sets.source,
+            sets.source,
             ctx.acts("target"),
             ctx.options["lineas"],
-            control=ctx.sets.control,
+            control=sets.control,
             gate_kind=kind,
-            gate_init=init,
+            gate_init=_e2e_init(ctx, kind) if ecfg.warm_start else None,
             e2e=ecfg,
             max_length=ctx.fit.max_length,
             chunk=ctx.fit.batch_size,
@@ -252,70 +332,106 @@ def _gate_e2e(kind: str) -> GateFn:
         )
         assert res.gates is not None
         ctx.summary = res.summary()
-        return GateResult(res.gates, [s.name for s in ctx.sites], res.stats, maps=res.maps)
+        return Gates(res.gates, [s.name for s in ctx.sites], res.stats, maps=res.maps)
 
     return fn
 
 
-def _gate_threshold(ctx: FitContext, maps: dict[str, SiteMap]) -> GateResult:
+def _gate_threshold(ctx: FitContext) -> Gates:
     cfg: ThresholdConfig = ctx.options["threshold"]
-    if cfg.site is None:
-        block_name, blocks = find_blocks(ctx.model)
-        cond = resolve_sites(ctx.model, [f"{block_name}.{len(blocks) // 2}"])[0]
-    else:
-        cond = resolve_sites(ctx.model, [cfg.site])[0]
-    cfg.site = cond.name  # saved resolved, so the artifact names the site it reads
-    kw: dict[str, Any] = {
-        "batch_size": ctx.fit.batch_size,
-        "max_length": ctx.fit.max_length,
-        "progress": False,
-    }
-    src = record(ctx.model, ctx.tokenizer, ctx.sets.source, [cond], **kw)[cond.name]
-    ctl = record(ctx.model, ctx.tokenizer, ctx.sets.control, [cond], **kw)[cond.name]
-    direction, threshold, stats = fit_threshold(src, ctl, cfg, ctx.fit.seed)
-    stats = {"condition_site": cond.name, **stats}
-    # One copy per site: safetensors refuses tensors that share memory.
-    gates = {s.name: SiteGate("const", direction.clone(), threshold) for s in ctx.sites}
-    return GateResult(gates, [s.name for s in ctx.sites], {s.name: dict(stats) for s in ctx.sites})
+    cond, stats = fit_condition(ctx.model, lambda split, sites: ctx.record(split, sites), cfg, ctx.fit.seed)
+    cfg.site = cond.site  # saved resolved, so the artifact names the site it reads
+    names = [s.name for s in ctx.sites]
+    return Gates({n: SiteGate() for n in names}, names, {n: dict(stats) for n in names}, condition=cond)
 
 
-register_method("caa", (), _caa)
-register_method("iti", (ITIConfig,), _iti)
-register_method("lineas", (LinEASConfig,), _lineas)
-register_method("linear_act", (LinearActConfig,), _linear_act)
-register_gate("none", (), _gate_none, needs_control=False)
-register_gate("dsas", (DSASConfig,), _gate_dsas)
-for _name, _kind in E2E_GATES.items():
-    register_gate(_name, (E2EConfig, DSASConfig), _gate_e2e(_kind), methods=("lineas",))
-register_gate("threshold", (ThresholdConfig,), _gate_threshold)
+register_method("caa", _caa)
+register_method("iti", _iti, {"iti": ITIConfig})
+register_method("lineas", _lineas, {"lineas": LinEASConfig}, text_only=True)
+register_method("linear_act", _linear_act, {"linear_act": LinearActConfig})
+register_gate("none", _gate_none, needs_control=False)
+register_gate("dsas", _gate_dsas, {"dsas": DSASConfig})
+for _kind in E2E_KINDS:
+    register_gate(
+        f"e2e-{_kind}",
+        _gate_e2e(_kind),
+        {"e2e": E2EConfig, "dsas": DSASConfig},
+        text_only=True,
+        joint="lineas",
+    )
+register_gate("threshold", _gate_threshold, {"threshold": ThresholdConfig}, text_only=True)
 
 
-def _configs(method: str, gate: str, options: dict[str, Any]) -> tuple[FitConfig, dict[str, Any]]:
-    """Route keyword options to the config dataclasses by field name; unknown names are an error."""
-    classes: dict[str, type] = {"fit": FitConfig}
-    for cls in METHODS[method][0] + GATES[gate][0]:
-        classes[config_key(cls)] = cls
-    built: dict[str, Any] = {}
-    rest = dict(options)
-    for name, cls in classes.items():
-        given: Any = rest.pop(name, None)
-        if given is not None and not isinstance(given, cls):
-            raise TypeError(f"{name}= must be a {cls.__name__}, got {type(given).__name__}.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: rest.pop(k) for k in list(rest) if k in fields}
-        built[name] = cls(**{**vars(given), **kw}) if given is not None else cls(**kw)
-    if rest:
-        valid = sorted({f.name for c in classes.values() for f in dataclasses.fields(c)} | set(classes))
+# ---- options ---------------------------------------------------------------------------------------------
+
+
+def route_options(method: str, gate: str, options: dict[str, Any]) -> tuple[FitConfig, dict[str, Any]]:
+    """Build FitConfig and every component's config from keyword options (see the module docstring).
+
+    Unknown names and names two configs share are errors that say what to pass instead."""
+    classes: dict[str, type] = {"fit": FitConfig, **METHODS[method].configs, **GATES[gate].configs}
+    fields = {key: {f.name for f in dataclasses.fields(cls)} for key, cls in classes.items()}
+    given: dict[str, Any] = {}
+    kw: dict[str, dict[str, Any]] = {key: {} for key in classes}
+    unknown = []
+    for name, value in options.items():
+        if name in classes:
+            if not isinstance(value, classes[name]):
+                raise TypeError(f"{name}= must be a {classes[name].__name__}, got {type(value).__name__}.")
+            given[name] = value
+            continue
+        key, _, field_name = name.rpartition(".")
+        if key:
+            if key not in classes or field_name not in fields[key]:
+                unknown.append(name)
+                continue
+            kw[key][field_name] = value
+            continue
+        owners = [k for k in classes if name in fields[k]]
+        if not owners:
+            unknown.append(name)
+        elif len(owners) > 1:
+            alts = " or ".join(f"{k}={classes[k].__name__}({name}=...)" for k in owners)
+            raise TypeError(
+                f"Option {name!r} belongs to several configs ({', '.join(owners)}) of method={method!r}, "
+                f"gate={gate!r}: pass {alts}, or a dotted name such as {owners[-1]}.{name}=... "
+                f"(CLI: --option {owners[-1]}.{name}=...)."
+            )
+        else:
+            kw[owners[0]][name] = value
+    if unknown:
+        valid = sorted({f for fs in fields.values() for f in fs} | set(classes))
         raise TypeError(
-            f"Unknown option(s) {sorted(rest)} for method={method!r}, gate={gate!r}. Valid: {valid}."
+            f"Unknown option(s) {sorted(unknown)} for method={method!r}, gate={gate!r}. Valid: {valid}."
         )
+    built = {
+        key: cls(**{**(vars(given[key]) if key in given else {}), **kw[key]}) for key, cls in classes.items()
+    }
     return built.pop("fit"), built
+
+
+# ---- fit -------------------------------------------------------------------------------------------------
+
+
+def _as_data(tokenizer: Any, sets: Any) -> FitData:
+    if sets is None and isinstance(tokenizer, FitData):
+        return tokenizer
+    if isinstance(sets, FitData):
+        return sets
+    if isinstance(sets, PromptSets):
+        if tokenizer is None:
+            raise TypeError("Prompt sets need the model's tokenizer: dsas.fit(model, tokenizer, sets, ...).")
+        return TextData(sets, tokenizer)
+    raise TypeError(
+        "sets must be dsas.PromptSets(source=[...], target=[...], control=[...]) for a language model, or "
+        "dsas.ImageSets(source=..., target=..., control=...) for a diffusion denoiser."
+    )
 
 
 def fit(
     model: nn.Module,
-    tokenizer: Any,
-    sets: PromptSets,
+    tokenizer: Any = None,
+    sets: PromptSets | FitData | None = None,
     method: str = "caa",
     gate: str = "dsas",
     sites: str | Sequence[str] = "auto",
@@ -326,64 +442,87 @@ def fit(
 ) -> Steerer:
     """Fit a steerer: `method` says how to steer, `gate` says when.
 
-    method:  "caa" (mean difference), "iti" (ITIConfig), "lineas" (end-to-end affine maps, LinEASConfig),
-             "linear_act" (per-unit 1-D OT, LinearActConfig).
+    tokenizer, sets: a tokenizer and `PromptSets` for a language model; for a diffusion denoiser pass
+             `ImageSets` (denoiser calls of each image set) as `sets` (or in the tokenizer's place).
+    method:  "caa" (mean difference), "iti" (ITIConfig), "lineas" (end-to-end affine maps, LinEASConfig;
+             text), "linear_act" (per-unit 1-D OT, LinearActConfig).
     gate:    "none" (constant 1), "dsas" (DSASConfig), "e2e-sigmoid" / "e2e-relu" (trained jointly with the
-             LinEAS maps: method="lineas", E2EConfig), "threshold" (CAST-style prompt-level baseline,
-             ThresholdConfig).
-
-    sites:   "auto" (attention + MLP outputs of every block), "blocks", "attn", "mlp", a regex over module
-             names, or a list of module names. layers: keep only these block indices.
-    options: fields of FitConfig, of the method's and of the gate's config dataclasses (e.g. pca_dim=5,
-             acc_threshold=0.75 for gate="dsas"), or whole config objects by name (dsas=DSASConfig(...)).
+             LinEAS maps: method="lineas", E2EConfig; text), "threshold" (CAST-style prompt-level baseline,
+             ThresholdConfig; text).
+    sites:   text: "auto" (attention + MLP outputs of every block), "blocks", "attn", "mlp", a regex over
+             module names, or a list of module names; layers: keep only these block indices. Images: "auto"
+             (every ResNet / transformer block), "blocks", "resnets", a regex or a list.
+    options: fields of FitConfig and of the method's and gate's configs (pca_dim=5, acc_threshold=0.75, ...),
+             whole configs by key (dsas=DSASConfig(...)), or dotted names (**{"dsas.C": 2}).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
     if gate not in GATES:
         raise ValueError(f"Unknown gate {gate!r}; choose one of {sorted(GATES)}.")
-    if gate in GATE_METHODS and method not in GATE_METHODS[gate]:
+    m, g = METHODS[method], GATES[gate]
+    if g.joint is not None and method != g.joint:
         raise ValueError(
-            f"gate={gate!r} is trained jointly with its maps and works only with method in "
-            f"{list(GATE_METHODS[gate])}; got method={method!r}. Use method={GATE_METHODS[gate][0]!r}, or "
-            "gate='dsas' to put a DSAS regulator on top of any method."
+            f"gate={gate!r} is trained jointly with its maps and works only with method in {[g.joint]}; got "
+            f"method={method!r}. Use method={g.joint!r}, or gate='dsas' to put a DSAS regulator on top of any "
+            "method."
         )
-    if not isinstance(sets, PromptSets):
-        raise TypeError("sets must be a dsas.PromptSets(source=[...], target=[...], control=[...]).")
-    sets.validate(need_control=GATES[gate][2])
-    fcfg, opts = _configs(method, gate, options)
-    site_list = resolve_sites(model, sites, layers)
+    fcfg, opts = route_options(method, gate, options)  # bad options fail before anything is loaded or run
+    data = _as_data(tokenizer, sets)
+    for what, name, comp in (("method", method, m), ("gate", gate, g)):
+        if comp.text_only and data.kind != "text":
+            raise ValueError(
+                f"{what}={name!r} needs a text model (it runs prompts through the model or reads token "
+                f"sequences); it cannot be fitted on {data.kind}. For {data.kind} use method in "
+                f"{sorted(k for k, c in METHODS.items() if not c.text_only)} and gate in "
+                f"{sorted(k for k, c in GATES.items() if not c.text_only)}."
+            )
+    data.validate(need_control=g.needs_control)
+    site_list = data.resolve_sites(model, sites, layers)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    ctx = FitContext(model, data, site_list, fcfg, opts, progress)
     try:
-        ctx = FitContext(model, tokenizer, sets, site_list, fcfg, opts, progress, method=method, gate=gate)
         torch.manual_seed(fcfg.seed)
-        maps = METHODS[method][1](ctx)
-        res = GATES[gate][1](ctx, maps)
+        maps = m.fn(ctx) if g.joint is None else None
+        res: Gates = g.fn(ctx)
     finally:
         model.train(was_training)
     if res.maps is not None:
         maps = res.maps
-    config = {
+    assert maps is not None
+    config: dict[str, Any] = {
         "method": method,
         "gate": gate,
+        "domain": data.kind,
         "sites_spec": sites if isinstance(sites, str) else list(sites),
         "layers": None if layers is None else list(layers),
         "fit": dataclasses.asdict(fcfg),
         "options": {k: dataclasses.asdict(v) for k, v in opts.items()},
-        "n_prompts": {"source": len(sets.source), "target": len(sets.target), "control": len(sets.control)},
-        "prompt_sets": sets.name,
+        "n_prompts": data.sizes(),
+        "prompt_sets": data.name,
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
     if ctx.summary:
         config["training"] = ctx.summary
-    if not res.steered:
-        import warnings
+    _warn_if_inert(maps, res)
+    stats = {s.name: {**ctx.stats.get(s.name, {}), **res.stats.get(s.name, {})} for s in site_list}
+    fp = fingerprint(model, site_list)
+    if data.kind != "text":
+        fp["site_dims"] = {s.name: maps[s.name].dim for s in site_list}
+    return Steerer(site_list, maps, res.gates, res.steered, config, fp, stats, res.condition)
 
+
+def _warn_if_inert(maps: dict[str, SiteMap], res: Gates) -> None:
+    if not res.steered:
         warnings.warn(
             "No site passed the regulator's accuracy threshold: this steerer changes nothing. Lower "
             "acc_threshold, add prompts, or check that source and control differ.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    stats = {s.name: {**ctx.stats.get(s.name, {}), **res.stats.get(s.name, {})} for s in site_list}
-    return Steerer(site_list, maps, res.gates, res.steered, config, fingerprint(model, site_list), stats)
+    elif all(maps[n].is_zero() for n in res.steered):
+        warnings.warn(
+            "Every steered site's map is zero (source and target give the same activations): this steerer "
+            "changes nothing. Check that the target set differs from the source set.",
+            stacklevel=3,
+        )

@@ -4,8 +4,7 @@
 * sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector).
 * relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
 
-The CAST-style threshold gate (a baseline) decides once per prompt; its direction and threshold are fitted here
-(`fit_threshold`) and applied by `dsas.condition`.
+The CAST-style threshold baseline decides once per prompt: it lives whole in `dsas.condition`.
 
 The DSAS regulator (paper Eq. 5-6): on token-mean activations of the source set (label 1) and control set
 (label 0), fit PCA(r) -> logistic regression; fold it into w = P^T w_lr, b = b_lr - w . mu, so the run-time
@@ -16,7 +15,7 @@ signal (g would hover near 0.5 everywhere) and are switched off.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,6 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
+
+from dsas import rule
 
 GATE_KINDS = ("const", "sigmoid", "relu")
 
@@ -45,12 +46,9 @@ class SiteGate:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
-        """Reference g(z) for z[..., d] -> [...] (fp32)."""
-        if self.kind == "const" or self.w is None:
-            return torch.full(z.shape[:-1], self.mult, dtype=torch.float32, device=z.device)
-        s = z.float() @ self.w.to(z.device) + self.b
-        phi = torch.sigmoid(s) if self.kind == "sigmoid" else torch.relu(s)
-        return self.mult * phi
+        """g(z) for z[..., d] -> [...] (fp32), by `dsas.rule.gate`."""
+        w = None if self.kind == "const" or self.w is None else self.w.to(z.device)
+        return rule.gate(z.float(), w, self.b, self.mult, self.kind == "relu")
 
 
 @dataclass
@@ -61,24 +59,23 @@ class DSASConfig:
     """r: principal components kept before the logistic regression (paper: 5)."""
     acc_threshold: float = 0.75
     """Sites whose regulator accuracy is below this are treated by `inactive` (paper: 0.75)."""
-    acc_mode: str = "cv"
+    acc_mode: Literal["cv", "train", "holdout"] = "cv"
     """How accuracy is measured: "cv" (stratified k-fold), "train", or "holdout" (25% stratified split)."""
     folds: int = 5
     """k for acc_mode="cv" (reduced to the smaller class size when the sets are tiny)."""
     C: float = 1.0
     """Inverse L2 strength of the logistic regression (sklearn's C); class_weight is balanced."""
-    features: str = "mean"
+    features: Literal["mean", "tokens"] = "mean"
     """"mean": one token-mean vector per prompt (paper); "tokens": every token labelled (reviewer 4's ask),
-    weighted 1/K per prompt, cross-validated by prompt groups."""
-    inactive: str = "off"
+    weighted 1/K per prompt, cross-validated by prompt groups. For images, "tokens" labels every (image,
+    timestep) pair, so the gate must separate the sets at every denoising step it runs at."""
+    inactive: Literal["off", "vanilla", "keep"] = "off"
     """Policy for sites under the threshold: "off" (not steered), "vanilla" (g = 1), "keep" (use h anyway)."""
     soft: bool = False
     """Soft accuracy gate (reviewer 1): multiply g by clip((acc - 0.5) / (acc_threshold - 0.5), 0, 1)."""
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
-    seed: int = 0
-    """Seed of the CV fold shuffling."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -135,8 +132,10 @@ def regulator_accuracy(
     cfg: DSASConfig,
     groups: np.ndarray | None = None,
     w: np.ndarray | None = None,
+    seed: int = 0,
 ) -> float:
-    """Accuracy of the PCA -> LR pipeline as `cfg.acc_mode` says (PCA refitted inside every fold)."""
+    """Accuracy of the PCA -> LR pipeline as `cfg.acc_mode` says (PCA refitted inside every fold); `seed`
+    shuffles the folds."""
     if cfg.acc_mode == "train":
         return _accuracy(_fit_pipe(X, y, w, cfg.pca_dim, cfg.C), X, y, w)
     g = groups if groups is not None else np.arange(len(y))
@@ -145,15 +144,15 @@ def regulator_accuracy(
     if cfg.acc_mode == "holdout":
         ug = np.unique(g)
         gy = np.array([y[g == u][0] for u in ug])
-        tr_g, _ = train_test_split(ug, test_size=0.25, stratify=gy, random_state=cfg.seed)
+        tr_g, _ = train_test_split(ug, test_size=0.25, stratify=gy, random_state=seed)
         tr = np.isin(g, tr_g)
         pipe = _fit_pipe(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
         return _accuracy(pipe, X[~tr], y[~tr], None if w is None else w[~tr])
     k = min(cfg.folds, n_min)
     splitter: Any = (
-        StratifiedGroupKFold(k, shuffle=True, random_state=cfg.seed)
+        StratifiedGroupKFold(k, shuffle=True, random_state=seed)
         if groups is not None
-        else StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
+        else StratifiedKFold(k, shuffle=True, random_state=seed)
     )
     hits = weights = 0.0
     for tr, te in splitter.split(X, y, groups=groups):
@@ -176,6 +175,7 @@ def fit_regulator(
     source: torch.Tensor | list[torch.Tensor],
     control: torch.Tensor | list[torch.Tensor],
     cfg: DSASConfig,
+    seed: int = 0,
 ) -> RegulatorFit:
     """Fit the DSAS regulator of one site.
 
@@ -195,7 +195,7 @@ def fit_regulator(
     # One BLAS thread: these problems are small, and on a busy machine a thread pool's spin-waits made one
     # regulator fit up to 60x slower (measured: 8.8 s vs 0.13 s per site on 2 shared cores).
     with threadpool_limits(limits=1):
-        acc = regulator_accuracy(X, y, cfg, groups, w)
+        acc = regulator_accuracy(X, y, cfg, groups, w, seed)
         pipe = _fit_pipe(X, y, w, cfg.pca_dim, cfg.C)
     wv, b = fold_pipeline(pipe)
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
@@ -216,94 +216,3 @@ def fit_regulator(
     }
     steered = active or cfg.inactive in ("vanilla", "keep") or (cfg.soft and mult > 0)
     return RegulatorFit(gate, acc, bool(active), bool(steered), stats)
-
-
-# ---- CAST-style threshold gate (a baseline) --------------------------------------------------------------
-
-THRESHOLD_DIRECTIONS = ("pc1", "mean")
-
-
-@dataclass
-class ThresholdConfig:
-    """Options of the CAST-style condition (Lee et al., 2024): a binary, prompt-level decision, a baseline."""
-
-    site: str | None = None
-    """Condition site (a module name); None: the output of the middle decoder block. Saved resolved."""
-    direction: str = "pc1"
-    """"pc1": first principal axis (uncentred) of paired source − control token-mean differences, as CAST;
-    "mean": mean(source) − mean(control)."""
-    holdout: float = 0.25
-    """Fraction of source and control prompts (stratified, seeded by FitConfig.seed) on which the threshold
-    is chosen by F1; the direction is fitted on the rest."""
-
-    def __post_init__(self) -> None:
-        if self.direction not in THRESHOLD_DIRECTIONS:
-            raise ValueError(
-                f"ThresholdConfig.direction={self.direction!r} is not one of {THRESHOLD_DIRECTIONS}."
-            )
-        if not 0 < self.holdout < 1:
-            raise ValueError("ThresholdConfig.holdout must lie in (0, 1).")
-
-
-def condition_scores(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of token-mean activations [n, d] with the condition direction -> [n]."""
-    x = x.double()
-    d = direction.double()
-    return (x @ d) / (x.norm(dim=-1) * d.norm()).clamp_min(1e-12)
-
-
-def _f1(pred: np.ndarray, y: np.ndarray) -> float:
-    tp = float((pred & y).sum())
-    fp = float((pred & ~y).sum())
-    fn = float((~pred & y).sum())
-    return tp / max(tp + 0.5 * (fp + fn), 1e-12)
-
-
-def fit_threshold(
-    source: torch.Tensor, control: torch.Tensor, cfg: ThresholdConfig, seed: int = 0
-) -> tuple[torch.Tensor, float, dict[str, Any]]:
-    """Condition direction (unit vector) and cosine threshold from token-means [n, d] at the condition site.
-
-    The prompt "fires" (is steered) when cos(t̄, direction) >= threshold. The threshold maximises F1 (source
-    positive) on held-out prompts; ties go to the higher F1 on the fitting prompts, then to the middle of the
-    tied range, the widest margin available.
-    """
-    src, ctl = source.double(), control.double()
-    gen = torch.Generator().manual_seed(seed)
-    held = []
-    for n in (len(src), len(ctl)):
-        k = min(max(1, round(cfg.holdout * n)), n - 1)
-        m = torch.zeros(n, dtype=torch.bool)
-        m[torch.randperm(n, generator=gen)[:k]] = True
-        held.append(m)
-    s_tr, c_tr = src[~held[0]], ctl[~held[1]]
-    if cfg.direction == "mean":
-        direction = s_tr.mean(0) - c_tr.mean(0)
-    else:
-        k = min(len(s_tr), len(c_tr))
-        diffs = (
-            s_tr[torch.randperm(len(s_tr), generator=gen)[:k]]
-            - c_tr[torch.randperm(len(c_tr), generator=gen)[:k]]
-        )
-        direction = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
-        if direction @ diffs.mean(0) < 0:
-            direction = -direction
-    direction = direction / direction.norm().clamp_min(1e-12)
-    x = torch.cat([src, ctl])
-    y = np.concatenate([np.ones(len(src), bool), np.zeros(len(ctl), bool)])
-    test = torch.cat(held).numpy()
-    scores = condition_scores(x, direction).numpy()
-    u = np.unique(scores)
-    cands = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-6]])
-    keys = [(_f1(scores[test] >= t, y[test]), _f1(scores[~test] >= t, y[~test])) for t in cands]
-    best = max(keys)
-    tied = [t for t, k in zip(cands, keys, strict=True) if k == best]
-    threshold = float(tied[len(tied) // 2])
-    fire = scores >= threshold
-    stats = {
-        "condition_f1_holdout": best[0],
-        "condition_f1_fit": best[1],
-        "condition_fire_source": float(fire[y].mean()),
-        "condition_fire_control": float(fire[~y].mean()),
-    }
-    return direction.float(), threshold, stats

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+from dsas import rule
 
 
 @dataclass
@@ -29,11 +31,12 @@ class SiteMap:
     hi: torch.Tensor | None = None
 
     def displacement(self, z: torch.Tensor) -> torch.Tensor:
-        """Reference (unfused) Δ(z) for z[..., d]; the hooks in steer.py compute the same thing."""
-        d = self.shift.expand_as(z) if self.scale is None else self.scale * z + self.shift
-        if self.lo is not None and self.hi is not None:
-            d = torch.where((z >= self.lo) & (z <= self.hi), d, torch.zeros_like(d))
-        return d
+        """Δ(z) for z[..., d], by `dsas.rule.displacement`."""
+        return rule.displacement(z, self.shift, self.scale, self.lo, self.hi).expand_as(z)
+
+    def is_zero(self) -> bool:
+        """Δ is 0 everywhere: the site changes nothing whatever the gate."""
+        return not bool(self.shift.any()) and (self.scale is None or not bool(self.scale.any()))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"shift": self.shift}
@@ -89,7 +92,7 @@ class ITIConfig:
     """Units (or heads, with unit="head") kept per site; None keeps `top_frac` of them."""
     top_frac: float = 0.125
     """Fraction of units (heads) kept when top_k is None (rounded up, at least one)."""
-    unit: str = "unit"
+    unit: Literal["unit", "head"] = "unit"
     """"unit": rank single coordinates; "head": rank contiguous blocks of d / heads coordinates (ITI proper)."""
     heads: int | None = None
     """Blocks per site for unit="head"; None reads the model's num_attention_heads."""

@@ -1,28 +1,24 @@
-"""The steering rule at every site:  z' = z + lam * g(z) * Δ(z),  per token.
+"""Installing the rule (`dsas.rule`) on a model for the span of a `with` block: state, per-row strength, `Trace`.
 
-`steer_tensor` is the whole rule (one screen) and the reference. `steering` installs it on a model for the span of
-a `with` block and removes it in `finally` (no cost outside). Every term depends only on the current
-token, so prefill and each cached decode step scale their own tokens: cached and uncached generation agree, and
-padding does not leak across rows.
+Everything dsas changes inside `apply` is done by wrapping a module's `forward` on the instance
+(`wrap_forward`), never by module hooks: dynamo always guards on a module's instance `forward`, so a model
+compiled before, inside or after `apply` runs the graph that matches (steered inside, unsteered outside) with
+dynamo's default settings, and no compiled model pays for dynamo's process-wide guards on module hooks. Every
+wrapper is removed in `finally`; a copy of the model made inside the block (`copy.deepcopy`, pickling) carries
+none of them. Module hooks are only used to observe (recording activations, `dsas.record`).
 
-Run-time paths (benchmarks/README.md has the measurements): eagerly, `steer_folded` (the strength folded into the
-displacement: three kernels per DSAS site, one add for vanilla steering); under torch.compile, `steer_tensor` on
-the site's row of one packed parameter tensor per device (no per-site graph inputs, no graph breaks under
-`fullgraph=True`, the gate written as `(z * w).sum(-1)` so inductor fuses it with the update); with `trace=True`
-or on 4-D feature maps, `steer_tensor`.
-
-A site is steered by wrapping its module's `forward` on the instance (`wrap_forward`), not by a forward hook:
-dynamo always guards on a module's instance `forward`, so a model compiled before, inside or after `apply` runs
-the graph that matches (steered inside, unsteered outside) with dynamo's default settings, and no compiled model,
-steered or not, pays for dynamo's process-wide guards on module hooks. Module hooks are used only where dsas
-needs a pre-hook (`trace=True`, conditional steering); those turn on dynamo's hook guards
-(`guard_hooks_under_compile`).
+Every term of the rule depends only on the current token, so prefill and each cached decode step scale their own
+tokens: cached and uncached generation agree, and padding does not leak across rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import copyreg
+import inspect
+import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,114 +26,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.hooks import RemovableHandle
 
-from dsas.gates import SiteGate
-from dsas.maps import SiteMap
+from dsas.compiled import ACTIVE, pack_sites, unpack
+from dsas.rule import Folded, SiteParams, fold, rule, rule_folded
 from dsas.sites import Site, get_module, output_tensor, replace_output
 
+EXPANDS = ("interleave", "tile")
 
-@dataclass
-class SiteParams:
-    """Everything the hook of one site needs, already on the activation's device, fp32. `b` and `mult` are 0-d
-    tensors when they come from a `_Pack` (compiled path), floats otherwise."""
-
-    shift: torch.Tensor
-    scale: torch.Tensor | None
-    lo: torch.Tensor | None
-    hi: torch.Tensor | None
-    w: torch.Tensor | None
-    b: float | torch.Tensor
-    mult: float | torch.Tensor
-    relu: bool
-
-    @classmethod
-    def build(cls, m: SiteMap, g: SiteGate, device: torch.device) -> SiteParams:
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
-
-        shift = mv(m.shift)
-        assert shift is not None
-        w = mv(g.w) if g.kind != "const" else None
-        return cls(shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu")
-
-    def fold(self, lam: torch.Tensor, ndim: int) -> Folded:
-        """These parameters with lam * mult folded into Δ, for token activations of `ndim` dims ([B, d] or
-        [B, T, d]). lam: [B] fp32 on the device, or [1] when every row shares one strength."""
-        k = lam * self.mult
-        k = k.view(-1, *([1] * (ndim - 1))) if k.numel() > 1 else k.reshape(())
-        shift = (k * self.shift).contiguous()
-        scale = None if self.scale is None else (k * self.scale).contiguous()
-        w = None if self.w is None else self.w.view(1, -1)
-        b = torch.full((1,), float(self.b), dtype=torch.float32, device=self.shift.device)
-        return Folded(shift, scale, self.lo, self.hi, w, b, self.relu)
-
-
-@dataclass
-class Folded:
-    """One site's parameters for one batch shape, with the strength folded into the displacement."""
-
-    shift: torch.Tensor
-    """lam * mult * shift: [d], or [B, 1.., d] with one strength per row."""
-    scale: torch.Tensor | None
-    lo: torch.Tensor | None
-    hi: torch.Tensor | None
-    w: torch.Tensor | None
-    """The gate vector as a [1, d] `linear` weight."""
-    b: torch.Tensor
-    """The gate bias as a [1] `linear` bias."""
-    relu: bool
-
-
-_TENSORS = ("shift", "scale", "lo", "hi", "w")
-
-
-def steer_tensor(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the rule to one site output. h: [B, T, d], [B, d] or [B, C, H, W] (channels = d).
-
-    lam: [B] fp32 strengths. Returns (h', a) with a = lam * g of shape h'.shape minus the feature dim.
-    Math in fp32, cast back to h's dtype. This is the reference; `steer_folded` is the eager fast path.
-    """
-    chan_first = h.dim() == 4
-    # fp32 at least; float64 activations stay float64 so that strength 0 is still the identity.
-    ct = torch.promote_types(h.dtype, torch.float32)
-    z = (h.movedim(1, -1) if chan_first else h).to(ct)
-    if ct != torch.float32:
-        p = dataclasses.replace(p, **{k: getattr(p, k).to(ct) for k in _TENSORS if getattr(p, k) is not None})
-    lam = lam.view(-1, *([1] * (z.dim() - 2))).to(ct)
-    if p.w is None:
-        a = (lam * p.mult).expand(z.shape[:-1])
-    else:
-        # Under torch.compile an elementwise product + sum fuses with the add below; eagerly a matvec is faster.
-        s = (z * p.w).sum(-1) if torch.compiler.is_compiling() else z @ p.w
-        s = s + p.b
-        a = lam * (p.mult * (torch.relu(s) if p.relu else torch.sigmoid(s)))
-    delta = p.shift if p.scale is None else torch.addcmul(p.shift, z, p.scale)
-    if p.lo is not None and p.hi is not None:
-        delta = torch.where((z >= p.lo) & (z <= p.hi), delta, 0.0)
-    y = torch.addcmul(z, a.unsqueeze(-1), delta).to(h.dtype)
-    return (y.movedim(-1, 1) if chan_first else y), a
-
-
-def steer_folded(h: torch.Tensor, f: Folded) -> torch.Tensor:
-    """The rule for token activations h [B, T, d] / [B, d], eager and untraced, with lam * mult folded into `f`:
-    y = z + phi(w . z + b) * (lam mult Δ(z)). A CAA + DSAS site is three kernels (gate as a [d -> 1] linear
-    layer, in-place sigmoid, addcmul), vanilla CAA one add; no fp32 round trip for fp32 activations (bf16 ones
-    add an upcast and a cast back, except vanilla CAA, whose add upcasts in-kernel)."""
-    if f.w is None and f.scale is None and f.lo is None:
-        y = h + f.shift  # a bf16 / fp16 h is promoted to fp32 inside the add: no separate upcast kernel
-        return y if y.dtype == h.dtype else y.to(h.dtype)
-    z = h.float()  # h itself when h is fp32
-    delta = f.shift if f.scale is None else torch.addcmul(f.shift, z, f.scale)
-    if f.lo is not None and f.hi is not None:
-        delta = torch.where((z >= f.lo) & (z <= f.hi), delta, 0.0)
-    if f.w is None:
-        y = z + delta
-    else:
-        g = F.linear(z, f.w, f.b)  # [..., 1]: w . z + b
-        y = torch.addcmul(z, g.relu_() if f.relu else g.sigmoid_(), delta)
-    return y if y.dtype == h.dtype else y.to(h.dtype)
+FAST_EAGER = True
+"""Eager token activations take the folded fast path (`dsas.rule.rule_folded`); False sends every site call
+through the reference `dsas.rule.rule` (benchmarks/bench_generate.py --reference measures both)."""
 
 
 @dataclass
@@ -148,18 +46,22 @@ class Trace:
             step (an uncached pass that restarts at position 0 overwrites). With beam search, rows are beam
             slots, not final hypotheses. For 4-D (image) sites the last call's [batch, H, W] map is kept.
     mask:   the attention mask of the last forward pass ([batch, tokens]) when the model received one.
-    calls:  every hook call in order as (site, offset, scale), for per-step analyses (e.g. diffusion steps).
+    calls:  every site call in order as (site, offset, scale), for per-step analyses (e.g. diffusion steps).
     """
 
     calls: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
     mask: torch.Tensor | None = None
-    _offset: int = 0
+    offset: int = 0
+    """Position of the current forward pass's first token."""
 
     def begin_pass(self, offset: int, mask: torch.Tensor | None) -> None:
-        """Called by a model pre-hook before every top-level forward: where its tokens start, and its mask."""
-        self._offset = offset
+        """Called before every top-level forward: where its tokens start, and its mask."""
+        self.offset = offset
         if mask is not None:
             self.mask = mask.cpu()
+
+    def add(self, site: str, a: torch.Tensor) -> None:
+        self.calls.append((site, self.offset, a.detach()))
 
     @property
     def scales(self) -> dict[str, torch.Tensor]:
@@ -181,16 +83,37 @@ class Trace:
         return torch.stack(s).mean(0)
 
 
-class _State:
-    """Run-time state shared by the hooks of one `steering` block."""
+def as_strength(strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Strengths as a flat fp32 CPU tensor; empty or non-finite values are refused."""
+    try:
+        lam = torch.as_tensor(strength, dtype=torch.float32).reshape(-1).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"strength must be a number or a list of numbers, got {strength!r}.") from e
+    if lam.numel() == 0:
+        raise ValueError("strength is empty: pass a float or one value per batch row.")
+    if not torch.isfinite(lam).all():
+        raise ValueError(f"strength must be finite, got {lam.tolist()}.")
+    return lam
+
+
+class SteerState:
+    """Run-time state of one steering block: strengths (per row), generate's input rows, the trace."""
 
     def __init__(self, lam: torch.Tensor, expand: str, trace: Trace | None):
         self.lam = lam
         self.expand = expand
         self.trace = trace
-        self._lam_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.rows_in: int | None = None
+        """Rows of the batch given to `generate` (set while it runs): per-row strengths follow its expansion."""
+        self.generating = 0
+        self.packs: list[Any] = []
+        self._lam: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._lam_dev: dict[torch.device, torch.Tensor] = {}
-        self.packs: list[_Pack] = []
+
+    @property
+    def shared(self) -> bool:
+        """One strength for every row."""
+        return self.lam.numel() == 1
 
     def prepare(self, device: torch.device) -> None:
         """Move the strengths to `device` before any forward pass, so a compiled graph finds them there."""
@@ -201,185 +124,163 @@ class _State:
         """[batch] fp32 strengths on `device` (cached eagerly; recomputed inside a compiled graph, where the
         cache's mutation would cost a recompile)."""
         if torch.compiler.is_compiling():
-            return self._rows(self._lam_dev.get(device, self.lam).to(device), batch)
+            return self.rows(self._lam_dev.get(device, self.lam).to(device), batch)
         key = (batch, device)
-        lam = self._lam_cache.get(key)
+        lam = self._lam.get(key)
         if lam is None:
-            lam = self._rows(self.lam, batch).to(device=device, dtype=torch.float32).contiguous()
-            self._lam_cache[key] = lam
+            lam = self._lam[key] = (
+                self.rows(self.lam, batch).to(device=device, dtype=torch.float32).contiguous()
+            )
         return lam
 
-    def _rows(self, lam: torch.Tensor, batch: int) -> torch.Tensor:
+    def rows(self, lam: torch.Tensor, batch: int) -> torch.Tensor:
+        """One strength per batch row: one value for all, one per row, or one per prompt given to `generate`
+        (repeated for its beams / num_return_sequences) or to a classifier-free-guidance batch (expand="tile")."""
         n = lam.numel()
         if n == 1:
             return lam.expand(batch)
         if n == batch:
             return lam
         if batch % n == 0:
-            # generate() repeats rows for beams / num_return_sequences (interleave); CFG concatenates (tile).
-            k = batch // n
-            return lam.repeat_interleave(k) if self.expand == "interleave" else lam.repeat(k)
+            if self.expand == "tile":
+                return lam.repeat(batch // n)
+            if self.rows_in == n:
+                return lam.repeat_interleave(batch // n)
+        given = f"generate() was given {self.rows_in} prompts" if self.rows_in else "this forward pass has"
         raise ValueError(
-            f"strength has {n} values but the batch has {batch} rows: pass one float, or one strength "
-            "per prompt (per batch row)."
+            f"strength has {n} values but {given} {batch} rows: pass one float, or exactly one strength per "
+            "prompt (they follow generate's beams and num_return_sequences; use expand='tile' for a "
+            "classifier-free-guidance batch [uncond; cond])."
         )
 
 
-def _module_device(module: nn.Module) -> torch.device | None:
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return None
+class Wrapped:
+    """Handle of a method (`forward`, `generate`) that `wrap_method` replaced on a module instance; `remove` puts
+    the previous one back."""
 
+    def __init__(self, mod: nn.Module, name: str, installed: Any, prev: Any):
+        self.mod, self.name, self.installed, self.prev = mod, name, installed, prev
 
-FAST_EAGER = True
-"""Eager hooks take the folded fast path (`steer_folded`); False runs the reference `steer_tensor` everywhere
-(what every hook ran before the fast path existed: benchmarks/bench_generate.py --reference measures both)."""
-
-
-@dataclass
-class _Pack:
-    """The parameters of every site of one (device, width) in one fp32 tensor [sites, 5 d + 2]: per row shift, w,
-    scale, lo, hi, then b and mult. Under torch.compile the hooks slice their row inside the graph, so all sites
-    together are one graph input (per-site tensors were 2 inputs per site, each copied into the CUDA graph's
-    static buffers on every replay by a Python loop: ~0.45 ms per decode step for 56 sites, measured on an
-    H200). The slices are views: nothing is copied eagerly."""
-
-    t: torch.Tensor
-    d: int
-
-
-_SCALE, _SUPPORT, _GATE, _RELU = 1, 2, 4, 8
-
-
-def _unpack(packs: list[_Pack], code: int) -> SiteParams:
-    """The parameters of one site as views of its pack row. `code` = pack << 32 | row << 4 | flags: one int, so a
-    compiled graph guards one constant per site (a dataclass slot cost ~15 guards per site)."""
-    pk = packs[code >> 32]
-    r, d = pk.t[(code >> 4) & 0xFFFFFFF], pk.d
-    return SiteParams(
-        shift=r[:d],
-        scale=r[2 * d : 3 * d] if code & _SCALE else None,
-        lo=r[3 * d : 4 * d] if code & _SUPPORT else None,
-        hi=r[4 * d : 5 * d] if code & _SUPPORT else None,
-        w=r[d : 2 * d] if code & _GATE else None,
-        b=r[5 * d],
-        mult=r[5 * d + 1],
-        relu=bool(code & _RELU),
-    )
-
-
-def _pack(params: list[SiteParams | None]) -> tuple[list[_Pack], list[int]]:
-    """One `_Pack` per (device, width) for the sites whose parameters were built at entry, and each site's code
-    for `_unpack` (-1: not packed)."""
-    groups: dict[tuple[torch.device, int], list[int]] = {}
-    for i, p in enumerate(params):
-        if p is not None:
-            groups.setdefault((p.shift.device, int(p.shift.shape[-1])), []).append(i)
-    packs: list[_Pack] = []
-    codes = [-1] * len(params)
-    for (dev, d), idx in groups.items():
-        t = torch.zeros(len(idx), 5 * d + 2, device=dev)
-        for row, i in enumerate(idx):
-            p = params[i]
-            assert p is not None
-            for k, v in enumerate((p.shift, p.w, p.scale, p.lo, p.hi)):
-                if v is not None:
-                    t[row, k * d : (k + 1) * d] = v
-            t[row, 5 * d], t[row, 5 * d + 1] = float(p.b), float(p.mult)
-            flags = (
-                (_SCALE if p.scale is not None else 0)
-                | (_SUPPORT if p.lo is not None else 0)
-                | (_GATE if p.w is not None else 0)
-                | (_RELU if p.relu else 0)
+    def remove(self) -> None:
+        d = self.mod.__dict__
+        stack = d.get("_dsas_prev", {}).get(self.name, [])
+        if d.get(self.name) is not self.installed:
+            warnings.warn(
+                f"{type(self.mod).__name__}.{self.name} was replaced again while dsas steered it (by another "
+                "library or by user code): dsas leaves that replacement in place, and if it calls dsas' steered "
+                f"{self.name} the module keeps steering until it is undone. Undo such patches before leaving "
+                "`apply`.",
+                stacklevel=3,
             )
-            codes[i] = len(packs) << 32 | row << 4 | flags
-        packs.append(_Pack(t, d))
-    return packs, codes
-
-
-_ACTIVE: dict[int, _State] = {}
-"""id(model) -> the state of the `steering` block in progress on it. Compiled hooks reach their state through this
-global rather than their closures, so dynamo guards it once per graph instead of once per site."""
-
-
-def _make_hook(
-    site: Site,
-    m: SiteMap,
-    g: SiteGate,
-    state: _State,
-    device: torch.device | None,
-    code: int = -1,
-    built: SiteParams | None = None,
-    key: int | None = None,
-) -> Any:
-    """The forward hook of one site. Three paths, one rule:
-
-    * eager, untraced, token activations: `steer_folded`, the strength folded in once per batch size;
-    * under torch.compile: `steer_tensor` on the site's row of the packed parameters (`code`, see `_unpack`),
-      state reached through `_ACTIVE[key]`: the graph holds no per-site inputs, guards four constants per
-      site, and no Python state is created or mutated while tracing;
-    * traced (`trace=True`) or 4-D feature maps: `steer_tensor`, which also returns lam * g.
-
-    Per-device parameters are built when the hook is made, on the module's device (or passed in `built`)."""
-    dim = m.dim
-    params: dict[torch.device, SiteParams] = {}
-    if device is not None:
-        params[device] = built if built is not None else SiteParams.build(m, g, device)
-        state.prepare(device)
-    folds: dict[tuple[int, int, torch.device], Folded] = {}
-
-    def site_params(dev: torch.device) -> SiteParams:
-        p = params.get(dev)
-        if p is None:
-            p = params[dev] = SiteParams.build(m, g, dev)
-        return p
-
-    index, name = site.index, site.name
-    if key is None or code < 0:
-        key, code = -1, -1
-
-    def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
-        h = output_tensor(out, index)
-        d = h.shape[1] if h.dim() == 4 else h.shape[-1]
-        if d != dim:
-            raise ValueError(
-                f"Site {name} outputs {d} features but the steerer was fitted with {dim}: "
-                "this steerer belongs to another model."
-            )
-        if torch.compiler.is_compiling() and code >= 0:
-            st = _ACTIVE[key]
-            p = _unpack(st.packs, code)
-            if p.shift.device == h.device:
-                y, a = steer_tensor(h, p, st.lam_for(h.shape[0], h.device))
-                if st.trace is not None:
-                    st.trace.calls.append((name, st.trace._offset, a.detach()))
-                return replace_output(out, y, index)
-        if torch.compiler.is_compiling():
-            p = site_params(h.device)
-        elif FAST_EAGER and state.trace is None and h.dim() < 4 and h.dtype != torch.float64:
-            fk = (h.shape[0], h.dim(), h.device)
-            f = folds.get(fk)
-            if f is None:
-                lam = state.lam_for(h.shape[0], h.device)
-                if state.lam.numel() == 1:
-                    lam = lam[:1]
-                f = folds[fk] = site_params(h.device).fold(lam, h.dim())
-            return replace_output(out, steer_folded(h, f), index)
+        elif self.prev is None:
+            del d[self.name]
         else:
-            p = site_params(h.device)
-        y, a = steer_tensor(h, p, state.lam_for(h.shape[0], h.device))
-        if state.trace is not None:
-            state.trace.calls.append((name, state.trace._offset, a.detach()))
-        return replace_output(out, y, index)
+            d[self.name] = self.prev
+        if stack and stack[-1] is self.prev:
+            stack.pop()
+        if not stack:
+            d.get("_dsas_prev", {}).pop(self.name, None)
+        if not d.get("_dsas_prev"):
+            for k in ("_dsas_prev", "__deepcopy__", "__reduce_ex__"):
+                d.pop(k, None)
 
-    return hook
+
+def _unsteered_state(mod: nn.Module) -> dict[str, Any]:
+    """The module's `__dict__` as it was before dsas wrapped it: what copies and pickles get."""
+    d = dict(mod.__dict__)
+    for name, stack in d.pop("_dsas_prev", {}).items():
+        if stack[0] is None:
+            d.pop(name, None)
+        else:
+            d[name] = stack[0]
+    for k in ("__deepcopy__", "__reduce_ex__", "_dsas_steering"):
+        d.pop(k, None)
+    return d
+
+
+def _protect(mod: nn.Module) -> None:
+    """Make `copy.deepcopy` and pickling of a wrapped module give the unwrapped module (a copy made inside
+    `apply` would otherwise stay steered forever, by the original's closures)."""
+    d = mod.__dict__
+    if "__deepcopy__" in d:
+        return
+
+    def deepcopy_unsteered(memo: dict[int, Any]) -> nn.Module:
+        new = type(mod).__new__(type(mod))
+        memo[id(mod)] = new
+        new.__setstate__(copy.deepcopy(_unsteered_state(mod), memo))
+        return new
+
+    def reduce_unsteered(_protocol: Any) -> Any:
+        return (copyreg.__newobj__, (type(mod),), _unsteered_state(mod))
+
+    d["__deepcopy__"], d["__reduce_ex__"] = deepcopy_unsteered, reduce_unsteered
+
+
+def wrap_method(mod: nn.Module, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:
+    """Replace `mod.<name>` on the instance by `make(current)` (a function of the call's arguments), installed
+    as a bound method with the original's signature (callers such as generate() read forward's signature). An
+    existing instance-level method (e.g. accelerate's forward) is the one wrapped, and restored by `remove`."""
+    d = mod.__dict__
+    prev = d.get(name)
+    unbound = getattr(type(mod), name)
+    fn = make(prev if prev is not None else types.MethodType(unbound, mod))
+
+    def method(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    try:
+        sig = inspect.signature(unbound if prev is None else prev)
+        if prev is not None:  # a bound callable: give it the `self` that the bound method drops again
+            first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+            sig = sig.replace(parameters=[first, *sig.parameters.values()])
+        method.__signature__ = sig  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+    installed = types.MethodType(method, mod)
+    d.setdefault("_dsas_prev", {}).setdefault(name, []).append(prev)
+    _protect(mod)
+    d[name] = installed
+    return Wrapped(mod, name, installed, prev)
+
+
+def wrap_forward(
+    mod: nn.Module,
+    after: Callable[[nn.Module, Any, Any], Any] | None = None,
+    before: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None] | None = None,
+) -> Wrapped:
+    """Run `before(mod, args, kwargs)` ahead of `mod`'s forward and let `after(mod, args, out)` replace its
+    output. Unlike a module hook this needs no extra dynamo guard: the instance's `forward` is already guarded,
+    so compiled graphs see the wrapper come and go."""
+
+    def make(call: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(mod, args, kwargs)
+            out = call(*args, **kwargs)
+            return out if after is None else after(mod, args, out)
+
+        return forward
+
+    return wrap_method(mod, "forward", make)
+
+
+class _Flag:
+    """The model's "being steered" mark: true here, false in a deep copy or a pickle of the model."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> bool:
+        return False
+
+    def __reduce__(self) -> Any:
+        return (bool, ())
 
 
 def pass_position(args: Any, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
     """(position of the first token, 2-D attention mask or None, input ids or embeddings or None) of a top-level
-    forward pass, read by a `with_kwargs` forward pre-hook on the model."""
+    forward pass, read from its arguments."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask")
@@ -396,173 +297,184 @@ def pass_position(args: Any, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor 
     return max(off, 0), mask, ref if isinstance(ref, torch.Tensor) else None
 
 
-def _trace_pre_hook(trace: Trace) -> Any:
-    """Reads the cache length and mask of each top-level forward, so scales land at the right positions."""
-
-    def pre(_mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        off, mask, _ = pass_position(args, kwargs)
-        trace.begin_pass(off, mask)
-
-    return pre
+def module_device(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return None
 
 
-GUARD_COMPILED_HOOKS = True
-"""Let dsas turn on torch.compile's guards on module hooks where it registers one (see
-`guard_hooks_under_compile`)."""
+def _generate_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    for x in (
+        kwargs.get("input_ids"),
+        kwargs.get("inputs"),
+        args[0] if args else None,
+        kwargs.get("inputs_embeds"),
+    ):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return int(x.shape[0])
+    return None
 
 
-def guard_hooks_under_compile(model: nn.Module | None = None) -> None:
-    """Make torch.compile notice module hooks being added and removed.
+@contextmanager
+def steering_frame(
+    model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
+) -> Iterator[tuple[SteerState, list[Wrapped]]]:
+    """The frame every steering block shares: refuses nesting and bad options, marks the model, follows
+    `generate` (its prompt rows, and whether it still runs at exit), and removes every wrapper the block appends
+    to the list, even on error."""
+    if getattr(model, "_dsas_steering", False):
+        raise RuntimeError(
+            "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
+            "refused so that every token's scale is well defined."
+        )
+    if expand not in EXPANDS:
+        raise ValueError(
+            "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
+        )
+    state = SteerState(as_strength(strength), expand, Trace() if trace else None)
+    _warn_checkpointing(model)
+    wrappers: list[Wrapped] = []
+    lock = threading.Lock()
+    try:
+        model.__dict__["_dsas_steering"] = _Flag()
+        if callable(getattr(model, "generate", None)):
 
-    By default dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): a
-    graph compiled without a hook keeps running without it, and one compiled with it keeps running it after the
-    hook is removed (measured: silently wrong logits; this is how hook-based steering libraries fail under
-    compile). Site steering needs no hook (`wrap_forward`); `trace=True` and conditional steering register
-    module hooks and call this first: with the guards on, a compiled model keeps one graph per hook set and
-    picks the right one on every call, at the price of a few guard checks per call on every compiled model.
-    Graphs compiled before the guards were turned on carry none, so a model compiled before such a block gets a
-    warning: call `torch._dynamo.reset()` (or compile after the first such block).
-    Set `dsas.steer.GUARD_COMPILED_HOOKS = False` to leave dynamo's setting alone.
-    """
-    if not GUARD_COMPILED_HOOKS:
+            def make(call: Callable[..., Any]) -> Callable[..., Any]:
+                def generate(*args: Any, **kwargs: Any) -> Any:
+                    with lock:
+                        state.generating += 1
+                        state.rows_in = _generate_rows(args, kwargs)
+                    try:
+                        return call(*args, **kwargs)
+                    finally:
+                        with lock:
+                            state.generating -= 1
+
+                return generate
+
+            wrappers.append(wrap_method(model, "generate", make))
+        yield state, wrappers
+    finally:
+        if state.generating:
+            warnings.warn(
+                "generate() started inside `apply` is still running (e.g. in a streaming thread) while the block "
+                "exits: the tokens it produces from now on are unsteered. Join the thread inside the block.",
+                stacklevel=3,
+            )
+        for w in reversed(wrappers):
+            w.remove()
+        ACTIVE.pop(id(model), None)
+        model.__dict__.pop("_dsas_steering", None)
+
+
+def _warn_checkpointing(model: nn.Module) -> None:
+    if not (model.training and torch.is_grad_enabled()):
         return
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    if not cfg.skip_nnmodule_hook_guards:
-        return
-    cfg.skip_nnmodule_hook_guards = False
-    if model is not None and _compiled_before(model):
-        import warnings
-
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5; 4.x: is_gradient_checkpointing
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if on:
         warnings.warn(
-            "This model was compiled with torch.compile before dsas turned on dynamo's guards on module hooks: "
-            "those graphs do not see steering hooks and keep running unsteered inside `apply`. Call "
-            "torch._dynamo.reset() once now (graphs compiled from here on are guarded).",
-            stacklevel=2,
+            "Gradient checkpointing is on: the backward pass re-runs the forward, and run after the `with` block "
+            "it re-runs it unsteered (wrong gradients). Call loss.backward() inside the `apply` block.",
+            stacklevel=4,
         )
 
 
-def _compiled_before(model: nn.Module) -> bool:
-    """Whether dynamo holds graphs for this model's forward (torch.compile(model.forward), or the compiled
-    __call__ that transformers' generate makes for a static cache)."""
-    if getattr(model, "_compiled_call", None) is not None:
-        return True
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        return bool(_debug_get_cache_entry_list(type(model).forward.__code__))
-    except (ImportError, AttributeError, TypeError):
-        return False
+def check_width(site: Site, h: torch.Tensor, dim: int) -> None:
+    d = h.shape[1] if h.dim() == 4 else h.shape[-1]
+    if d != dim:
+        raise ValueError(
+            f"Site {site.name} outputs {d} features but the steerer was fitted with {dim}: "
+            "this steerer belongs to another model."
+        )
 
 
-def as_strength(strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
-    lam = torch.as_tensor(strength, dtype=torch.float32).reshape(-1).detach().cpu()
-    if lam.numel() == 0:
-        raise ValueError("strength is empty: pass a float or one value per batch row.")
-    if not torch.isfinite(lam).all():
-        raise ValueError(f"strength must be finite, got {lam.tolist()}.")
-    return lam
+def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code: int) -> Any:
+    """What runs after a steered site's forward: the rule on its output.
+
+    Eager token activations take `rule_folded` (lam * mult folded in at entry, or once per batch size with
+    per-row strengths); under torch.compile the site reads its row of the packed parameters (`dsas.compiled`);
+    traced, 4-D or float64 activations take the reference `rule`, which also returns lam * g."""
+    dim, index, name = int(params.shift.shape[-1]), site.index, site.name
+    per_device = {params.shift.device: params}
+    folds: dict[tuple[int, int, torch.device], Folded] = {}
+    if state.shared and state.trace is None:
+        folds[(0, 2, params.shift.device)] = folds[(0, 3, params.shift.device)] = fold(
+            params, state.lam.to(params.shift.device), 3
+        )
+
+    def on(dev: torch.device) -> SiteParams:
+        p = per_device.get(dev)
+        if p is None:
+            p = per_device[dev] = params.on(dev)
+        return p
+
+    def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
+        h = output_tensor(out, index)
+        check_width(site, h, dim)
+        if torch.compiler.is_compiling():
+            st = ACTIVE[key] if code >= 0 else state
+            assert isinstance(st, SteerState)
+            p = unpack(st.packs, code) if code >= 0 else on(h.device)
+            if p.shift.device != h.device:
+                p = on(h.device)
+            y, a = rule(h, p, st.lam_for(h.shape[0], h.device))
+            if st.trace is not None:
+                st.trace.add(name, a)
+            return replace_output(out, y, index)
+        if FAST_EAGER and state.trace is None and h.dim() < 4 and h.dtype != torch.float64:
+            k = (0 if state.shared else h.shape[0], h.dim(), h.device)
+            f = folds.get(k)
+            if f is None:
+                lam = state.lam_for(h.shape[0], h.device)
+                f = folds[k] = fold(on(h.device), lam[:1] if state.shared else lam, h.dim())
+            return replace_output(out, rule_folded(h, f), index)
+        y, a = rule(h, on(h.device), state.lam_for(h.shape[0], h.device))
+        if state.trace is not None:
+            state.trace.add(name, a)
+        return replace_output(out, y, index)
+
+    return hook
+
+
+def trace_positions(model: nn.Module, trace: Trace) -> Wrapped:
+    """Wrap the model's forward so the trace knows where each pass's tokens start (cache length) and its mask."""
+
+    def before(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        off, mask, _ = pass_position(args, kwargs)
+        trace.begin_pass(off, mask)
+
+    return wrap_forward(model, before=before)
 
 
 @contextmanager
 def steering(
     model: nn.Module,
     sites: Sequence[Site],
-    maps: dict[str, SiteMap],
-    gates: dict[str, SiteGate],
+    maps: dict[str, Any],
+    gates: dict[str, Any],
     strength: float | Sequence[float] | torch.Tensor = 1.0,
     *,
     trace: bool = False,
     expand: str = "interleave",
 ) -> Iterator[Trace]:
-    """Steer `model`'s sites for the span of the block (wrapped forwards, see `wrap_forward`); undone even on
-    error."""
-    with hooked(model, strength, expand, trace) as (state, handles):
+    """Steer `model`'s sites (maps: {site: SiteMap}, gates: {site: SiteGate}) for the span of the block."""
+    with steering_frame(model, strength, expand, trace) as (state, wrappers):
         if state.trace is not None:
-            guard_hooks_under_compile(model)
-            handles.append(model.register_forward_pre_hook(_trace_pre_hook(state.trace), with_kwargs=True))
+            wrappers.append(trace_positions(model, state.trace))
         mods = [get_module(model, s) for s in sites]
-        devs = [_module_device(mod) for mod in mods]
-        built = [
-            None if dv is None else SiteParams.build(maps[s.name], gates[s.name], dv)
-            for s, dv in zip(sites, devs, strict=True)
+        devs = [module_device(m) or torch.device("cpu") for m in mods]
+        params = [
+            SiteParams.build(maps[s.name], gates[s.name], dv) for s, dv in zip(sites, devs, strict=True)
         ]
-        state.packs, codes = _pack(built)
+        for dv in set(devs):
+            state.prepare(dv)
+        state.packs, codes = pack_sites(list(params))
         key = id(model)
-        _ACTIVE[key] = state
-        for s, mod, dv, code, p in zip(sites, mods, devs, codes, built, strict=True):
-            hook = _make_hook(s, maps[s.name], gates[s.name], state, dv, code, p, key)
-            handles.append(wrap_forward(mod, hook))
+        ACTIVE[key] = state
+        for s, mod, p, code in zip(sites, mods, params, codes, strict=True):
+            wrappers.append(wrap_forward(mod, _site_hook(s, p, state, key, code)))
         yield state.trace if state.trace is not None else Trace()
-
-
-class _Wrapped:
-    """Handle of a module whose `forward` `wrap_forward` replaced on the instance; `remove` puts it back."""
-
-    def __init__(self, mod: nn.Module, fn: Callable[..., Any], prev: Any):
-        self.mod, self.fn, self.prev = mod, fn, prev
-
-    def remove(self) -> None:
-        d = self.mod.__dict__
-        if d.get("forward") is not self.fn:
-            import warnings
-
-            warnings.warn(
-                f"{type(self.mod).__name__}.forward was replaced again while dsas steered it (by another library "
-                "or by user code): dsas leaves that replacement in place, and if it calls dsas' steered forward the "
-                "module keeps steering until it is undone. Undo such patches before leaving `apply`.",
-                stacklevel=3,
-            )
-            return
-        if self.prev is None:
-            del d["forward"]
-        else:
-            d["forward"] = self.prev
-
-
-def wrap_forward(mod: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> _Wrapped:
-    """Run `hook(mod, args, out)` on the output of `mod` by replacing `forward` on the instance (an existing
-    instance-level forward, e.g. accelerate's, is wrapped and restored). Unlike a forward hook this needs no
-    extra dynamo guards: the instance's `forward` is already guarded, so compiled graphs see it come and go."""
-    prev = mod.__dict__.get("forward")
-    if prev is None:
-
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return hook(self, args, type(self).forward(self, *args, **kwargs))
-
-    else:
-
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return hook(self, args, prev(*args, **kwargs))
-
-    bound = types.MethodType(forward, mod)
-    mod.forward = bound
-    return _Wrapped(mod, bound, prev)
-
-
-@contextmanager
-def hooked(
-    model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
-) -> Iterator[tuple[_State, list[RemovableHandle | _Wrapped]]]:
-    """The frame every steering block shares: refuses nesting and bad options, marks the model, and removes every
-    handle (hook or wrapped forward) the block appends to the list, even on error."""
-    if getattr(model, "_dsas_steering", False):
-        raise RuntimeError(
-            "A steerer is already applied to this model: exit its `with` block first. Nested steering is "
-            "refused so that every token's scale is well defined."
-        )
-    if expand not in ("interleave", "tile"):
-        raise ValueError(
-            "expand must be 'interleave' (beams, generate) or 'tile' (classifier-free guidance)."
-        )
-    state = _State(as_strength(strength), expand, Trace() if trace else None)
-    handles: list[RemovableHandle | _Wrapped] = []
-    try:
-        model._dsas_steering = True  # type: ignore[assignment]
-        yield state, handles
-    finally:
-        for h in handles:
-            h.remove()
-        _ACTIVE.pop(id(model), None)
-        model._dsas_steering = False  # type: ignore[assignment]

@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
 from dsas.artifact import check_fingerprint, read_artifact, write_artifact
+from dsas.condition import Condition, conditional_steering
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap
 from dsas.sites import Site, fingerprint
 from dsas.steer import Trace, steering
+
+
+class Applied(AbstractContextManager[Trace]):
+    """What `Steerer.apply` returns: steering starts at `with` and stops at its end. Created and never entered,
+    it steers nothing, and says so when it is dropped."""
+
+    def __init__(self, cm: AbstractContextManager[Trace]):
+        self._cm = cm
+        self._entered = False
+
+    def __enter__(self) -> Trace:
+        self._entered = True
+        return self._cm.__enter__()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return self._cm.__exit__(et, ev, tb)
+
+    def __del__(self) -> None:
+        if not self._entered:
+            warnings.warn(
+                "Steerer.apply(...) was called without `with`: nothing was steered. Write "
+                "`with steerer.apply(model, strength):` around the forward or generate calls.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -28,6 +58,7 @@ class Steerer:
     stats:       per-site fit diagnostics (regulator accuracy, norms, ...).
     config:      method, gate and every option used to fit, saved with the artifact.
     fingerprint: the model it was fitted on; `apply` refuses another.
+    condition:   the CAST-style threshold baseline's prompt-level decision (gate="threshold"), else None.
     """
 
     sites: list[Site]
@@ -37,6 +68,7 @@ class Steerer:
     config: dict[str, Any]
     fingerprint: dict[str, Any]
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    condition: Condition | None = None
 
     @property
     def site_names(self) -> list[str]:
@@ -55,7 +87,6 @@ class Steerer:
         actual["module_names"] = {n for n, _ in model.named_modules()}
         check_fingerprint(self.fingerprint, actual)
 
-    @contextmanager
     def apply(
         self,
         model: nn.Module,
@@ -63,26 +94,28 @@ class Steerer:
         *,
         trace: bool = False,
         expand: str = "interleave",
-    ) -> Iterator[Trace]:
-        """Steer `model` inside the block: z' = z + strength * g(z) * Δ(z) at every steered site.
+    ) -> Applied:
+        """Steer `model` inside the `with` block: z' = z + strength * g(z) * Δ(z) at every steered site.
 
-        strength: one float, or one value per batch row (expanded for beams / num_return_sequences).
+        strength: one float, or one value per prompt (expanded for generate's beams / num_return_sequences).
         trace:    record strength * g for every token at every steered site (yielded Trace.scales).
-        expand:   how per-row strengths follow a batch that generate() enlarged: "interleave" (beams) or
+        expand:   how per-prompt strengths follow a batch that generate() enlarged: "interleave" (beams) or
                   "tile" (classifier-free guidance batches [uncond; cond]).
+        Training through a steered model: call backward inside the block (gradient checkpointing re-runs the
+        forward during backward, which outside the block is unsteered).
         """
+        return Applied(self._apply(model, strength, trace, expand))
+
+    @contextmanager
+    def _apply(
+        self, model: nn.Module, strength: float | Sequence[float] | torch.Tensor, trace: bool, expand: str
+    ) -> Iterator[Trace]:
         self.check_model(model)
         on = set(self.steered)
         sites = [s for s in self.sites if s.name in on]
-        if self.gate == "threshold":  # prompt-level binary decision: see dsas.condition
-            from dsas.condition import conditional_steering
-
-            cond = Site(self.config["options"]["threshold"]["site"])
-            g = self.gates[sites[0].name] if sites else None
-            if g is None or g.w is None:
-                raise ValueError("This threshold steerer holds no condition direction; refit it.")
+        if self.condition is not None:
             with conditional_steering(
-                model, sites, self.maps, self.gates, cond, g.w, g.b, strength, trace=trace, expand=expand
+                model, sites, self.maps, self.gates, self.condition, strength, trace=trace, expand=expand
             ) as tr:
                 yield tr
             return
@@ -127,7 +160,10 @@ class Steerer:
                     "stats": self.stats.get(s.name, {}),
                 }
             )
-        cfg = {"config": self.config, "fingerprint": self.fingerprint, "sites": per_site}
+        cfg: dict[str, Any] = {"config": self.config, "fingerprint": self.fingerprint, "sites": per_site}
+        if self.condition is not None:
+            tensors["condition/direction"] = self.condition.direction
+            cfg["condition"] = {"site": self.condition.site, "threshold": self.condition.threshold}
         return write_artifact(path, cfg, tensors)
 
     @classmethod
@@ -149,7 +185,20 @@ class Steerer:
             if row["steered"]:
                 steered.append(name)
             stats[name] = row.get("stats", {})
-        st = cls(sites, maps, gates, steered, cfg["config"], cfg["fingerprint"], stats)
+        condition = None
+        if "condition" in cfg:
+            c = cfg["condition"]
+            condition = Condition(c["site"], tensors["condition/direction"], float(c["threshold"]))
+        elif cfg["config"].get("gate") == "threshold":
+            # Saved before the condition had its own tensor: every site's constant gate held the direction
+            # (w) and the threshold (b), and the condition site was in the options.
+            g = gates[steered[0] if steered else sites[0].name]
+            if g.w is None:
+                raise ValueError(f"{path} is a threshold steerer without a condition direction; refit it.")
+            site = cfg["config"]["options"]["threshold"]["site"]
+            condition = Condition(site, g.w, float(g.b))
+            gates = {n: SiteGate("const", None, 0.0, gk.mult) for n, gk in gates.items()}
+        st = cls(sites, maps, gates, steered, cfg["config"], cfg["fingerprint"], stats, condition)
         if model is not None:
             st.check_model(model)
         return st

@@ -32,8 +32,11 @@ from tqdm.auto import tqdm
 
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap, resample_sorted
-from dsas.record import model_device, tokenize
+from dsas.record import tokenize
+from dsas.rule import SiteParams, gate, rule
 from dsas.sites import Site, get_module, output_tensor, replace_output
+from dsas.steer import wrap_forward
+from dsas.torchutil import StopForward, model_device
 
 OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_STEPS = {False: 50, True: 25}
@@ -127,10 +130,6 @@ def w2_sorted(z: torch.Tensor, v_sorted: torch.Tensor) -> torch.Tensor:
     n = max(zs.shape[0], v_sorted.shape[0])
     diff = resample_sorted(zs, n) - resample_sorted(v_sorted, n)
     return diff.pow(2).mean(0).sum()
-
-
-class _Stop(Exception):
-    """Raised after the last site's hook: the rest of the forward pass (final norm, LM head) is not needed."""
 
 
 @dataclass
@@ -227,9 +226,20 @@ class _Trainer:
         self.recorded: list[torch.Tensor] = []
         self.retain: torch.Tensor | None = None  # Σ over sites and real control tokens of the L2 distance
 
+    def params(self, i: int) -> SiteParams:
+        """Site i's map and gate in the rule's terms, differentiable in the trained parameters: Δ(z) = δ ⊙ z + b
+        with δ = expm1(s), b = units ⊙ p − δ ⊙ μ; g = φ(u · z + c) with u = ũ ⊙ gate_units."""
+        scale = torch.expm1(self.logscale[i])
+        shift = torch.addcmul(self.shift[i] * self.units[i], scale, self.center[i], value=-1)
+        if self.gate_kind is None:
+            return SiteParams(shift, scale)
+        return SiteParams(
+            shift, scale, w=self.u[i] * self.gate_units[i], b=self.c[i], relu=self.gate_kind == "relu"
+        )
+
     def gate(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        s = z @ (self.u[i] * self.gate_units[i]) + self.c[i]
-        return torch.sigmoid(s) if self.gate_kind == "sigmoid" else torch.relu(s)
+        p = self.params(i)
+        return gate(z, p.w, p.b, 1.0, p.relu)
 
     def _hook(self, i: int, site: Site) -> Callable[..., Any]:
         last = i == len(self.sites) - 1
@@ -246,13 +256,9 @@ class _Trainer:
             if self.mode == "off":
                 self.recorded.append(z.detach())
                 if last:
-                    raise _Stop
-                return None
-            g = self.gate(i, z) if self.gate_kind is not None else None
-            delta = torch.addcmul(
-                self.shift[i] * self.units[i], z - self.center[i], torch.expm1(self.logscale[i])
-            )
-            y = z + delta if g is None else torch.addcmul(z, g.unsqueeze(-1), delta)
+                    raise StopForward
+                return out
+            y, _ = rule(z, self.params(i), torch.ones(z.shape[0], device=z.device))  # strength 1
             mask = self.chunk.mask
             if self.mode == "inputs":
                 self.recorded.append(z.detach())
@@ -264,7 +270,7 @@ class _Trainer:
                 term = (dist * mask).sum()
                 self.retain = term if self.retain is None else self.retain + term
             if last:
-                raise _Stop
+                raise StopForward
             return replace_output(out, y.to(h.dtype), site.index)
 
         return hook
@@ -276,17 +282,16 @@ class _Trainer:
         self.retain = None
         recorded = []
         handles = [
-            get_module(self.model, s).register_forward_hook(self._hook(i, s))
-            for i, s in enumerate(self.sites)
+            wrap_forward(get_module(self.model, s), self._hook(i, s)) for i, s in enumerate(self.sites)
         ]
         try:
             for self.index, self.chunk in enumerate(batch.chunks):
                 self.recorded = []
-                with suppress(_Stop):
+                with suppress(StopForward):
                     self.model(**self.chunk.enc)
                 recorded.append(self.recorded)
         finally:
-            for hd in handles:
+            for hd in reversed(handles):
                 hd.remove()
             self.chunk, self.mode, self.recorded = None, "off", []
         if mode == "control" and self.retain is not None:

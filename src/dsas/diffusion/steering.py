@@ -18,9 +18,7 @@ expand="tile")` makes B per-prompt strengths follow both halves.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,31 +28,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsas.gates import DSASConfig, SiteGate, fit_regulator
-from dsas.maps import fit_caa
 from dsas.record import capture, check_finite, model_device, pool_tokens
-from dsas.sites import Site, fingerprint, output_tensor, resolve_sites
-from dsas.steerer import Steerer
+from dsas.sites import Site, output_tensor, resolve_sites
 
 if TYPE_CHECKING:
     from dsas.diffusion.digits import DigitsDiffusion, NoisedBatch
 
 __all__ = [
-    "DIFFUSION_GATES",
     "STEP_POOLS",
     "DenoiserCall",
+    "ImageSets",
     "clip_image_similarity",
     "clip_score",
     "default_sites",
     "digits_calls",
-    "fit_diffusion",
     "gate_maps",
     "noised_calls",
     "record_images",
     "resolve_denoiser_sites",
 ]
 
-DIFFUSION_GATES = ("none", "dsas")
 STEP_POOLS = ("mean", "each")
 
 # -- sites ------------------------------------------------------------------------------------------------
@@ -254,111 +247,91 @@ def record_images(
     return out
 
 
-# -- fitting ----------------------------------------------------------------------------------------------
+# -- fitting: image sets for dsas.fit ---------------------------------------------------------------------
 
 Acts = dict[str, Any]
-"""Recorded activations (:func:`record_images`), accepted by :func:`fit_diffusion` instead of inputs."""
+"""Activations already recorded with :func:`record_images` (timestep means [N, d], or per-image lists of [T, d]),
+accepted by :class:`ImageSets` instead of denoiser calls."""
+
+Calls = Iterable[Any] | Acts
+"""Denoiser calls (`DenoiserCall`, `NoisedBatch`) of one image set, or its recorded activations."""
 
 
-def _acts(model: nn.Module, given: Any, sites: Sequence[Site], steps: str) -> dict[str, Any]:
-    if isinstance(given, dict):
-        missing = [s.name for s in sites if s.name not in given]
-        if missing:
-            raise ValueError(f"recorded activations lack sites {missing[:3]}")
-        return given
-    return record_images(model, given, sites, steps=steps)
+@dataclass
+class ImageSets:
+    """Source / target / control image sets of a diffusion denoiser, for `dsas.fit(denoiser, ImageSets(...))`.
 
-
-def _mean_rows(v: Any) -> torch.Tensor:
-    return torch.cat(v) if isinstance(v, list) else v
-
-
-def fit_diffusion(
-    model: nn.Module,
-    source: Iterable[DenoiserCall | NoisedBatch] | Acts,
-    target: Iterable[DenoiserCall | NoisedBatch] | Acts,
-    control: Iterable[DenoiserCall | NoisedBatch] | Acts | None = None,
-    gate: str = "dsas",
-    sites: str | Sequence[str] = "auto",
-    *,
-    steps: str = "each",
-    dsas: DSASConfig | None = None,
-    **options: Any,
-) -> Steerer:
-    """Fit CAA (with a DSAS regulator, or without: `gate="none"`) on a diffusion denoiser; returns a `Steerer`, so
-    `apply` / `save` / `load` / `report` work as for language models.
-
-    source / target / control: denoiser inputs of each image set (:func:`digits_calls`, :func:`noised_calls`,
-        one call per timestep over the same rows), or activations already recorded with :func:`record_images`.
-        Source shows the concept (e.g. one digit class), target the wanted effect on it (the same images
-        blurred, same noise), control everything else (other classes; needed by gate="dsas").
-    sites: "auto" (:func:`default_sites`), "blocks", "resnets", a regex or a list of module names.
-    steps: how timesteps enter the regulator: "each" (default: one spatially pooled sample per image and timestep,
-        weighted 1/T and cross-validated by image, so the gate must separate the sets at every step it will run
-        at) or "mean" (one vector per image, pooled over space and timesteps, spec 3.7). The CAA map is the mean
-        over images and timesteps either way.
-    options: fields of :class:`DSASConfig` (pca_dim=5, acc_threshold=0.75, ...), or `dsas=DSASConfig(...)`.
+    Each set is the denoiser calls of its images (:func:`digits_calls`, :func:`noised_calls`: one call per
+    timestep over the same rows), or activations already recorded with :func:`record_images(steps="each")`.
+    Source shows the concept (e.g. one digit class), target the wanted effect on it (the same images blurred,
+    same noise), control everything else (other classes; needed by gate="dsas"). Activations are pooled over
+    space; a method's maps see the mean over timesteps, and DSAS's `features="tokens"` labels every (image,
+    timestep) pair (`features="mean"`: one timestep-mean vector per image).
     """
-    if gate not in DIFFUSION_GATES:
-        raise ValueError(f"gate={gate!r} is not one of {DIFFUSION_GATES} for diffusion models.")
-    if steps not in STEP_POOLS:
-        raise ValueError(f"steps={steps!r} is not one of {STEP_POOLS}.")
-    fields = {f.name for f in dataclasses.fields(DSASConfig)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(f"Unknown option(s) {unknown}; valid DSAS options: {sorted(fields)}.")
-    cfg = DSASConfig(**{**(vars(dsas) if dsas is not None else {}), **options})
-    if cfg.features != "mean":
-        raise ValueError("features='tokens' is for text; use steps='each' to label every (image, timestep).")
-    if gate == "dsas" and control is None:
-        raise ValueError("gate='dsas' needs a control set (images without the concept).")
-    site_list = resolve_denoiser_sites(model, sites)
-    t0 = time.perf_counter()
-    reg_steps = steps if gate == "dsas" else "mean"
-    src = _acts(model, source, site_list, reg_steps)
-    tgt = _acts(model, target, site_list, "mean")
-    maps = {s.name: fit_caa(_mean_rows(src[s.name]), _mean_rows(tgt[s.name])) for s in site_list}
-    gates: dict[str, SiteGate] = {}
-    stats: dict[str, dict[str, Any]] = {}
-    steered: list[str] = []
-    n_ctl = 0
-    if gate == "none":
-        gates = {s.name: SiteGate() for s in site_list}
-        steered = [s.name for s in site_list]
-    else:
-        ctl = _acts(model, control, site_list, reg_steps)
-        n_ctl = len(ctl[site_list[0].name])
-        for s in site_list:
-            r = fit_regulator(src[s.name], ctl[s.name], cfg)
-            gates[s.name] = r.gate
-            stats[s.name] = {"active": r.active, **r.stats}
-            if r.steered:
-                steered.append(s.name)
-    for s in site_list:
-        stats.setdefault(s.name, {})["shift_norm"] = float(maps[s.name].shift.norm())
-    config = {
-        "method": "caa",
-        "gate": gate,
-        "domain": "diffusion",
-        "sites_spec": sites if isinstance(sites, str) else list(sites),
-        "steps": steps,
-        "options": {"dsas": dataclasses.asdict(cfg)} if gate == "dsas" else {},
-        "n_images": {
-            "source": len(src[site_list[0].name]),
-            "target": len(tgt[site_list[0].name]),
-            "control": n_ctl,
-        },
-        "fit_seconds": round(time.perf_counter() - t0, 3),
-    }
-    if gate == "dsas" and not steered:
-        import warnings
 
-        warnings.warn(
-            "No site passed the regulator's accuracy threshold: this steerer changes nothing.", stacklevel=2
-        )
-    fp = fingerprint(model, site_list)
-    fp["site_dims"] = {s.name: maps[s.name].dim for s in site_list}
-    return Steerer(site_list, maps, gates, steered, config, fp, stats)
+    source: Calls
+    target: Calls
+    control: Calls | None = None
+    name: str = "images"
+    kind: str = "images"
+
+    def __post_init__(self) -> None:
+        # Calls may be a one-shot iterator, and every split may be recorded more than once.
+        for k in ("source", "target", "control"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, dict):
+                setattr(self, k, list(v))
+
+    def validate(self, need_control: bool) -> None:
+        for k in ("source", "target"):
+            if not getattr(self, k):
+                raise ValueError(f"ImageSets.{k} is empty: pass the denoiser calls of at least one image.")
+        if need_control and not self.control:
+            raise ValueError(
+                "This gate needs a control set (images without the concept): ImageSets(control=...)."
+            )
+
+    def sizes(self) -> dict[str, int]:
+        """Images per set (the rows its calls cover)."""
+
+        def n(v: Calls | None) -> int:
+            if not v:
+                return 0
+            if isinstance(v, dict):
+                return len(next(iter(v.values())))
+            calls = [_as_call(c) for c in v]
+            return max(c.rows.stop if c.rows is not None else int(c.sample.shape[0]) for c in calls)
+
+        return {k: n(getattr(self, k)) for k in ("source", "target", "control")}
+
+    def resolve_sites(
+        self, model: nn.Module, sites: str | Sequence[str], layers: Sequence[int] | None
+    ) -> list[Site]:
+        if layers is not None:
+            raise ValueError(
+                "layers= selects decoder blocks of a language model; for a denoiser pass sites=."
+            )
+        return resolve_denoiser_sites(model, sites)
+
+    def record(
+        self, model: nn.Module, split: str, sites: list[Site], pool: str, cfg: Any, progress: bool
+    ) -> dict[str, Any]:
+        given = getattr(self, split)
+        if isinstance(given, dict):
+            missing = [s.name for s in sites if s.name not in given]
+            if missing:
+                raise ValueError(f"ImageSets.{split}: the recorded activations lack sites {missing[:3]}.")
+            return {s.name: _pool_steps(given[s.name], pool) for s in sites}
+        return record_images(model, given, sites, steps="each" if pool == "all" else "mean")
+
+
+def _pool_steps(v: Any, pool: str) -> Any:
+    """Recorded activations in the form `pool` asks: per-image [T, d] lists ("all") or timestep means."""
+    if pool == "all":
+        if not isinstance(v, list):
+            raise ValueError("features='tokens' needs activations recorded with record_images(steps='each').")
+        return v
+    return torch.stack([t.mean(0) for t in v]) if isinstance(v, list) else v
 
 
 def gate_maps(trace: Any, site: str | None = None, size: tuple[int, int] | None = None) -> list[torch.Tensor]:

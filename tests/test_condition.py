@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 
 import dsas
-from dsas.gates import ThresholdConfig, condition_scores, fit_threshold
+from dsas.condition import ThresholdConfig, condition_scores, fit_threshold
 from dsas.record import record
 from dsas.sites import Site
 
@@ -64,8 +64,10 @@ def steerer(model, tiny_tok, sets):
 
 def test_condition_site_is_saved_resolved(steerer):
     assert steerer.config["options"]["threshold"]["site"] == "model.layers.1"  # middle of 3 blocks
-    g = next(iter(steerer.gates.values()))
-    assert g.kind == "const" and g.w is not None and g.w.norm() == pytest.approx(1.0, abs=1e-5)
+    cond = steerer.condition
+    assert cond is not None and cond.site == "model.layers.1"
+    assert cond.direction.norm() == pytest.approx(1.0, abs=1e-5)
+    assert all(g.kind == "const" and g.w is None for g in steerer.gates.values())  # "when" is the condition's
     assert steerer.stats[steerer.site_names[0]]["condition_site"] == "model.layers.1"
 
 
@@ -87,10 +89,9 @@ def test_fires_on_source_and_not_on_control(steerer, model, tiny_tok, sets):
 
 
 def test_decision_is_the_prompt_cosine_at_the_condition_site(steerer, model, tiny_tok):
-    g = steerer.gates[steerer.site_names[0]]
-    assert g.w is not None
+    cond = steerer.condition
     means = record(model, tiny_tok, PROMPTS, [Site("model.layers.1")], progress=False)["model.layers.1"]
-    expect = (condition_scores(means, g.w) >= g.b).float()
+    expect = (condition_scores(means, cond.direction) >= cond.threshold).float()
     enc = tiny_tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad(), steerer.apply(model, strength=1.0, trace=True) as tr:
         model(**enc)
@@ -114,6 +115,26 @@ def test_upstream_sites_wait_for_the_decision(steerer, model, left_tok):
         prompt_part = scale[:, :p][enc["attention_mask"].bool()]
         if layer <= 1:  # inside or before block 1, whose output is the condition site
             assert torch.equal(prompt_part, torch.zeros_like(prompt_part))
+
+
+def test_condition_is_saved_as_its_own_tensor(steerer, model, tiny_tok, tmp_path):
+    from safetensors.torch import load_file
+
+    steerer.save(tmp_path / "thr")
+    assert "condition/direction" in load_file(str(tmp_path / "thr" / "dsas_steerer.safetensors"))
+    back = dsas.Steerer.load(tmp_path / "thr", model=model)
+    assert back.condition is not None and torch.equal(back.condition.direction, steerer.condition.direction)
+    assert (
+        back.condition.threshold == steerer.condition.threshold
+        and back.condition.site == steerer.condition.site
+    )
+    enc = tiny_tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with steerer.apply(model, 2.0):
+            a = model(**enc).logits
+        with back.apply(model, 2.0):
+            b = model(**enc).logits
+    assert torch.equal(a, b)
 
 
 def test_plain_steering_over_a_threshold_steerer_is_vanilla(steerer, model, tiny_tok):

@@ -1,0 +1,165 @@
+"""The steering rule, written once:   z' = z + lam * g(z) * Δ(z),   Δ(z) = T(z) - z,   per token.
+
+* Δ(z) = scale ⊙ z + shift, zero outside [lo, hi] where a support is set (every method's map, `dsas.maps`);
+* g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; g = mult when there is no w (`dsas.gates`);
+* lam: one strength per batch row.
+
+`rule` is the reference and the form every traced, compiled, training, diffusion and serving path calls.
+`fold` + `rule_folded` are the same rule for eager token activations with lam * mult folded into the
+displacement once per `apply`: a gated site is three kernels (gate logit as a [d -> 1] `addmm`, in-place
+sigmoid, `addcmul`), a constant-gate site one `add`, and nothing is allocated per call besides the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+_TENSORS = ("shift", "scale", "lo", "hi", "w")
+
+
+@dataclass
+class SiteParams:
+    """One site's map and gate as the rule reads them. Tensors are [d], or [N, d] per token (serving).
+
+    `b`, `mult` and `relu` are Python scalars, 0-d tensors (compiled path) or [N] tensors (per token)."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    """Gate weight; None is a constant gate g = mult (vanilla steering)."""
+    b: float | torch.Tensor = 0.0
+    mult: float | torch.Tensor = 1.0
+    relu: bool | torch.Tensor = False
+
+    @classmethod
+    def build(cls, m: Any, g: Any, device: torch.device | str = "cpu") -> SiteParams:
+        """From a `SiteMap` and a `SiteGate`: fresh fp32 copies on `device`. Fresh memory matters: a kernel's
+        rounding can depend on its operands' alignment, and tensors read from a file are not aligned, so a copy
+        is what makes a loaded steerer reproduce the fitted one bit for bit."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device=device, dtype=torch.float32).clone()
+
+        shift = mv(m.shift)
+        assert shift is not None
+        w = mv(g.w) if g.kind != "const" else None
+        return cls(shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu")
+
+    def on(self, device: torch.device | str) -> SiteParams:
+        """A fresh copy on `device`."""
+        return replace(
+            self, **{k: getattr(self, k).to(device).clone() for k in _TENSORS if getattr(self, k) is not None}
+        )
+
+    def to(self, dtype: torch.dtype) -> SiteParams:
+        return replace(
+            self, **{k: getattr(self, k).to(dtype) for k in _TENSORS if getattr(self, k) is not None}
+        )
+
+
+def displacement(
+    z: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Δ(z) = scale ⊙ z + shift, zero outside [lo, hi] when a support is given."""
+    d = shift if scale is None else torch.addcmul(shift, z, scale)
+    if lo is not None and hi is not None:
+        d = torch.where((z >= lo) & (z <= hi), d, 0.0)
+    return d
+
+
+def gate(
+    z: torch.Tensor,
+    w: torch.Tensor | None,
+    b: float | torch.Tensor = 0.0,
+    mult: float | torch.Tensor = 1.0,
+    relu: bool | torch.Tensor = False,
+) -> torch.Tensor:
+    """g(z) = mult * phi(w . z + b) for z [..., d] -> [...]; `mult` broadcast to z's tokens without w."""
+    if w is None:
+        return torch.as_tensor(mult, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
+    # Under torch.compile an elementwise product + sum fuses with the update (and takes a per-token w [N, d]);
+    # eagerly a matvec is faster.
+    s = (z * w).sum(-1) if w.dim() > 1 or torch.compiler.is_compiling() else z @ w
+    s = s + b
+    if isinstance(relu, torch.Tensor):
+        phi = torch.where(relu, torch.relu(s), torch.sigmoid(s))
+    else:
+        phi = torch.relu(s) if relu else torch.sigmoid(s)
+    return mult * phi
+
+
+def rule(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule on one site output h: [B, T, d], [B, d] / [N, d], or [B, C, H, W] (channels = d, every location
+    a token). lam: [B] (or [N]) strengths. Returns (h', a) with a = lam * g, h'.shape minus the feature dim.
+
+    Math in fp32 at least (float64 stays float64, so strength 0 is the identity there too), cast back to h's
+    dtype."""
+    chan_first = h.dim() == 4
+    ct = torch.promote_types(h.dtype, torch.float32)
+    z = (h.movedim(1, -1) if chan_first else h).to(ct)
+    if ct != torch.float32:
+        p = p.to(ct)
+    lam = lam.to(ct).view(-1, *([1] * (z.dim() - 2)))
+    a = lam * gate(z, p.w, p.b, p.mult, p.relu)
+    y = torch.addcmul(z, a.unsqueeze(-1), displacement(z, p.shift, p.scale, p.lo, p.hi)).to(h.dtype)
+    return (y.movedim(-1, 1) if chan_first else y), a
+
+
+@dataclass
+class Folded:
+    """One site's parameters with k = lam * mult folded into the displacement (`fold`)."""
+
+    shift: torch.Tensor
+    """k * shift: [d] for one strength, [B, 1.., d] for one per row."""
+    scale: torch.Tensor | None
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    w: torch.Tensor | None
+    """The gate vector as a [1, d] `linear` weight."""
+    b: torch.Tensor | None
+    """The gate bias as a [1] `linear` bias."""
+    relu: bool
+
+    @property
+    def plain(self) -> bool:
+        """A constant shift: the whole site is one add."""
+        return self.w is None and self.scale is None and self.lo is None
+
+
+def fold(p: SiteParams, lam: torch.Tensor, ndim: int) -> Folded:
+    """`p` with k = lam * mult folded into Δ, for token activations of `ndim` dims. lam: [1] (every row alike:
+    the result serves any batch) or [B] on the parameters' device."""
+    k = lam * p.mult
+    k = k.reshape(()) if k.numel() == 1 else k.view(-1, *([1] * (ndim - 1)))
+    shift = (k * p.shift).contiguous()
+    scale = None if p.scale is None else (k * p.scale).contiguous()
+    w = None if p.w is None else p.w.view(1, -1)
+    b = None if p.w is None else torch.full((1,), float(p.b), dtype=torch.float32, device=p.shift.device)
+    return Folded(shift, scale, p.lo, p.hi, w, b, bool(p.relu))
+
+
+def rule_folded(h: torch.Tensor, f: Folded) -> torch.Tensor:
+    """`rule` for eager token activations h [B, T, d] / [B, d] with lam * mult folded in (`fold`):
+    y = z + phi(w . z + b) * (k Δ(z)). A bf16 / fp16 h is promoted inside the add of a plain site, and
+    upcast once (and cast back) otherwise."""
+    if f.plain:
+        y = h + f.shift
+        return y if y.dtype == h.dtype else y.to(h.dtype)
+    z = h.float()  # h itself when h is fp32
+    delta = displacement(z, f.shift, f.scale, f.lo, f.hi)
+    if f.w is None:
+        y = z + delta
+    else:
+        g = F.linear(z, f.w, f.b)  # [..., 1]: w . z + b in one addmm
+        y = torch.addcmul(z, g.relu_() if f.relu else g.sigmoid_(), delta)
+    return y if y.dtype == h.dtype else y.to(h.dtype)
