@@ -5,8 +5,8 @@
 
 It is `dsas demo` (same prompt sets, evaluation and report) with more steerers and per-method strength grids:
 CAA, ITI and LinEAS, each ungated and gated by DSAS; LinEAS also with the jointly trained E2E-DSAS gate, as in
-the paper. Resumable: rerunning with the same --out keeps the sweep points already in sweep.jsonl (the fits are
-redone, deterministic under the seed). Writes <out>/report.html and <out>/summary.md.
+the paper. Resumable: rerunning with the same --out keeps the sweep points already in sweep.sqlite (the fits are
+redone, deterministic under the seed, so their content hashes match). Writes <out>/report.html and <out>/summary.md.
 """
 
 from __future__ import annotations

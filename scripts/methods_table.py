@@ -19,10 +19,10 @@ from dsas.sweep import load_points, matched_utility_table
 def row(arg: str) -> str:
     spec, _, label = arg.partition("=")
     run, _, name = spec.rpartition(":")
-    points = load_points(Path(run) / "sweep.jsonl")
+    points = load_points(Path(run))
     pts = [p for p in points if p["name"] in ("unsteered", name)]
     if len(pts) < 2:
-        raise SystemExit(f"{run}/sweep.jsonl has no points of {name!r}")
+        raise SystemExit(f"{run} has no sweep points of {name!r}")
     fit = {}
     run_json = Path(run) / "run.json"
     if run_json.exists():

@@ -34,7 +34,7 @@ import dsas
 from dsas.eval import generate_continuations
 from dsas.eval.perplexity import load_wiki_paragraphs
 from dsas.eval.toxicity import get_scorer, toxicity_summary
-from dsas.sweep import _gate_rate
+from dsas.sweep import gate_rate
 
 LEVELS = {"noise": "0,0.1,0.2,0.3,0.4,0.5", "size": "8,16,32,64"}
 
@@ -68,7 +68,7 @@ def measure(model: Any, tok: Any, st: dsas.Steerer, data: dict[str, list[str]], 
         "ppl_increase": cal.increase,
         "toxicity": tox["rate"],
         "toxicity_mean": tox["mean_prob"],
-        "false_steer_rate": _gate_rate(st, model, tok, data["neutral"], cal.strength),
+        "false_steer_rate": gate_rate(st, model, tok, data["neutral"], cal.strength),
         "active_sites": len(st.steered),
         "mean_accuracy": statistics.fmean(accs) if accs else None,
         "evaluations": len(cal.evaluated),

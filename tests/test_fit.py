@@ -79,3 +79,51 @@ def test_strength_validation(model, tiny_tok, engine_sets):
     for bad in ([], [float("nan")]):
         with pytest.raises(ValueError, match="strength"), st.apply(model, strength=bad):
             pass
+
+
+def test_a_shared_option_name_must_say_which_config(model, tiny_tok, engine_sets):
+    """`C` is both ITI's probe strength and the DSAS regulator's: never silently given to one of them."""
+    with pytest.raises(TypeError, match="several configs.*iti=ITIConfig\\(C=...\\).*dsas=DSASConfig\\(C=...\\)"):
+        dsas.fit(model, tiny_tok, engine_sets, method="iti", gate="dsas", C=0.5, progress=False)
+    with pytest.raises(TypeError, match="several configs"):
+        dsas.fit(model, tiny_tok, engine_sets, method="iti", gate="threshold", holdout=0.3, progress=False)
+    st = dsas.fit(
+        model, tiny_tok, engine_sets, method="iti", gate="dsas", progress=False,
+        **{"dsas.C": 0.5, "iti.C": 2.0, "acc_threshold": 0.5},
+    )  # fmt: skip
+    assert st.config["options"]["dsas"]["C"] == 0.5 and st.config["options"]["iti"]["C"] == 2.0
+    with pytest.raises(TypeError, match="Unknown option"):
+        dsas.fit(model, tiny_tok, engine_sets, method="iti", gate="dsas", **{"dsas.top_k": 3}, progress=False)
+
+
+def test_one_seed_reaches_every_component(model, tiny_tok, engine_sets):
+    """The regulator's CV folds follow FitConfig.seed (DSASConfig has no seed of its own to fall out of step)."""
+    assert "seed" not in {f.name for f in __import__("dataclasses").fields(dsas.DSASConfig)}
+    accs = {}
+    for seed in (0, 7):
+        st = dsas.fit(model, tiny_tok, engine_sets, seed=seed, acc_threshold=0.5, progress=False)
+        assert st.config["fit"]["seed"] == seed
+        accs[seed] = [r["accuracy"] for r in st.report()]
+    assert accs[0] != accs[7]  # the folds moved with the seed
+    again = dsas.fit(model, tiny_tok, engine_sets, seed=7, acc_threshold=0.5, progress=False)
+    assert [r["accuracy"] for r in again.report()] == accs[7]
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"temperature": float("nan")}, "DSASConfig.temperature"),
+        ({"offset": float("inf")}, "DSASConfig.offset"),
+        ({"pca_dim": "5"}, "DSASConfig.pca_dim"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_option_values_fail_before_fitting(model, tiny_tok, engine_sets, opts, match):
+    with pytest.raises(ValueError, match=match):
+        dsas.fit(model, tiny_tok, engine_sets, progress=False, **opts)
+
+
+def test_source_equal_to_target_warns_that_nothing_changes(model, tiny_tok, engine_sets):
+    same = dsas.PromptSets(engine_sets.source, list(engine_sets.source), engine_sets.control)
+    with pytest.warns(UserWarning, match="map is zero"):
+        dsas.fit(model, tiny_tok, same, gate="none", progress=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dsas
+from dsas.sweep import load_points
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +126,7 @@ def test_cli_fit_generate_sweep_report(smollm2, smollm2_cache_dir, tmp_path, mon
         ],
     )
     assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in (tmp_path / "run" / "sweep.jsonl").read_text().splitlines()]
+    rows = load_points(tmp_path / "run")
     assert [row["key"] for row in rows] == ["unsteered@0", "st@1"]
     res = r.invoke(app, ["report", str(tmp_path / "run")])
     assert res.exit_code == 0 and (tmp_path / "run" / "report.html").stat().st_size > 10_000

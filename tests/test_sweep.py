@@ -1,4 +1,4 @@
-"""Sweeps (resumable JSONL), Pareto fronts and matched-utility interpolation."""
+"""Sweeps (content-keyed, resumable, locked), Pareto fronts and matched-utility interpolation."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pytest
 
 import dsas
 from dsas.sweep import (
+    STORE_NAME,
     EvalConfig,
     EvalData,
+    SweepLockedError,
     load_points,
     matched_utility_table,
     pareto_front,
     run_sweep,
+    steerer_hash,
     value_at_budget,
 )
 
@@ -78,7 +81,6 @@ def test_run_sweep_resumes_without_recomputing(tmp_path, tiny_tok, engine_sets):
         "neutral": ["the city", "a river", "the music of", "history is"],
     }
     data = EvalData.build(evals, cfg)
-    out = tmp_path / "sweep.jsonl"
     seen: list[str] = []
     rows = run_sweep(
         model,
@@ -87,7 +89,7 @@ def test_run_sweep_resumes_without_recomputing(tmp_path, tiny_tok, engine_sets):
         {"caa+dsas": [0.0, 2.0]},
         data,
         cfg,
-        out,
+        tmp_path,
         progress=False,
         on_point=lambda r: seen.append(r["key"]),
     )
@@ -95,25 +97,196 @@ def test_run_sweep_resumes_without_recomputing(tmp_path, tiny_tok, engine_sets):
     base, pt = rows
     assert base["false_steer_rate"] == 0.0 and 0.0 <= pt["false_steer_rate"] <= 1.0
     assert base["ppl"] > 1 and pt["ppl"] != base["ppl"] and "concept_rate" in pt
-    with out.open("a") as f:
-        f.write('{"key": "caa+dsas@4", "trunc')  # an interrupted write
     seen.clear()
-    rows = run_sweep(
+    again = run_sweep(
         model,
         tiny_tok,
         {"caa+dsas": st},
         {"caa+dsas": [2.0, 4.0]},
         data,
         cfg,
-        out,
+        tmp_path,
         progress=False,
         on_point=lambda r: seen.append(r["key"]),
     )
     assert seen == ["caa+dsas@4"]
-    assert rows[1] == json.loads(out.read_text().splitlines()[1])
-    assert [r["key"] for r in load_points(out)] == ["unsteered@0", "caa+dsas@2", "caa+dsas@4"]
+    assert again[:2] == rows
+    assert load_points(tmp_path) == again
+    assert [r["key"] for r in again] == ["unsteered@0", "caa+dsas@2", "caa+dsas@4"]
 
 
 def test_eval_data_needs_two_eval_splits():
     with pytest.raises(ValueError, match="two evaluation splits"):
         EvalData.build({"toxic": ["a"]}, EvalConfig(n_mc=0))
+
+
+# -- content-keyed store ------------------------------------------------------------------------------------
+
+EVALS = {
+    "toxic": ["you stupid", "the idiot is", "a bad enemy", "hate you"],
+    "neutral": ["the city", "a river", "the music of", "history is"],
+}
+
+
+def _fake_eval(calls):
+    """A stand-in for evaluate_point: instant, deterministic, and it records what was computed."""
+
+    def fake(model, tok, st, strength, data, cfg):
+        calls.append((None if st is None else st.gate, strength, cfg.n_wiki))
+        return {"toxicity": 1.0 / (1.0 + strength), "ppl": 10.0 + strength + cfg.n_wiki, "mc_acc": None}
+
+    return fake
+
+
+@pytest.fixture
+def fast_sweep(monkeypatch, tiny_tok, engine_sets):
+    from conftest import make_tiny_model
+
+    import dsas.sweep
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(dsas.sweep, "evaluate_point", _fake_eval(calls))
+    model = make_tiny_model("llama", len(tiny_tok))
+    sts = {
+        "none": dsas.fit(model, tiny_tok, engine_sets, gate="none", progress=False),
+        "dsas": dsas.fit(model, tiny_tok, engine_sets, gate="dsas", acc_threshold=0.5, progress=False),
+    }
+
+    def sweep(out, steerers, grid, cfg=None, **kw):
+        cfg = cfg or EvalConfig(n_wiki=2, n_mc=0)
+        return run_sweep(
+            model, tiny_tok, steerers, grid, EvalData.build(EVALS, cfg), cfg, out, progress=False, **kw
+        )
+
+    return sweep, calls, sts, model
+
+
+def test_store_is_sqlite_keyed_by_content(tmp_path, fast_sweep):
+    sweep, calls, sts, _ = fast_sweep
+    rows = sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0, 2.0]})
+    assert [r["key"] for r in rows] == ["unsteered@0", "a@1", "a@2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [STORE_NAME]
+    assert rows[1]["steerer_hash"] == steerer_hash(sts["dsas"]) != steerer_hash(sts["none"])
+    assert load_points(tmp_path) == rows
+    # The same steerer under another name reuses the points (content, not name, is the key).
+    calls.clear()
+    rows = sweep(tmp_path, {"b": sts["dsas"]}, {"b": [1.0, 2.0]})
+    assert calls == [] and [r["key"] for r in rows] == ["unsteered@0", "b@1", "b@2"]
+    assert [r["toxicity"] for r in rows] == [1.0, 0.5, 1 / 3]
+
+
+def test_other_eval_settings_are_recomputed_not_reused(tmp_path, fast_sweep):
+    sweep, calls, sts, _ = fast_sweep
+    sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]}, EvalConfig(n_wiki=2, n_mc=0))
+    calls.clear()
+    rows = sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]}, EvalConfig(n_wiki=3, n_mc=0))
+    assert calls == [(None, 0.0, 3), ("dsas", 1.0, 3)]  # the baseline too
+    assert [(r["key"], r["ppl"]) for r in load_points(tmp_path)] == [("unsteered@0", 13.0), ("a@1", 14.0)]
+    # Back to the first settings: its points are still stored, reused, and the only ones reported.
+    calls.clear()
+    rows = sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]}, EvalConfig(n_wiki=2, n_mc=0))
+    assert calls == [] and [r["ppl"] for r in rows] == [12.0, 13.0]
+    assert [r["ppl"] for r in load_points(tmp_path / "sweep.jsonl")] == [12.0, 13.0]
+
+
+def test_other_eval_data_is_recomputed(tmp_path, fast_sweep, tiny_tok):
+    sweep, calls, _, model = fast_sweep
+    cfg = EvalConfig(n_wiki=2, n_mc=0)
+    sweep(tmp_path, {}, {})
+    calls.clear()
+    other = EvalData.build({"toxic": ["you idiot"], "neutral": ["a river"]}, cfg)
+    run_sweep(model, tiny_tok, {}, {}, other, cfg, tmp_path, progress=False)
+    assert calls == [(None, 0.0, 2)]
+
+
+def test_refitted_steerer_under_the_same_name_is_recomputed(tmp_path, fast_sweep):
+    sweep, calls, sts, _ = fast_sweep
+    sweep(tmp_path, {"tox": sts["none"]}, {"tox": [1.0, 2.0]})
+    calls.clear()
+    rows = sweep(tmp_path, {"tox": sts["dsas"]}, {"tox": [1.0]})
+    assert calls == [("dsas", 1.0, 2)]
+    # tox@2 belonged to the old fit: it is not reported under the new one.
+    assert [(r["key"], r["gate"]) for r in load_points(tmp_path)] == [
+        ("unsteered@0", "none"),
+        ("tox@1", "dsas"),
+    ]
+    assert rows == load_points(tmp_path)
+
+
+def test_legacy_jsonl_is_read_but_never_rewritten_or_reused(tmp_path, fast_sweep):
+    sweep, calls, sts, _ = fast_sweep
+    legacy = tmp_path / "sweep.jsonl"
+    lines = [
+        json.dumps(_p("unsteered", 0, 10.0, 0.5)),
+        '{"key": "a@1", "trunc',  # a damaged middle line
+        json.dumps(_p("a", 1, 11.0, 0.4)),
+    ]
+    legacy.write_text("\n".join(lines) + "\n")
+    before = legacy.read_bytes()
+    with pytest.warns(UserWarning, match=r"sweep\.jsonl line 2 .*damaged"):
+        pts = load_points(tmp_path)
+    assert [p["key"] for p in pts] == ["unsteered@0", "a@1"]
+    with pytest.warns(UserWarning, match=r"sweep\.jsonl line 2"):
+        assert [p["key"] for p in load_points(legacy)] == ["unsteered@0", "a@1"]
+    rows = sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]})
+    assert calls == [(None, 0.0, 2), ("dsas", 1.0, 2)]  # legacy points carry no content key: recomputed
+    assert legacy.read_bytes() == before
+    assert load_points(tmp_path) == rows
+
+
+def test_damaged_store_is_a_clear_error(tmp_path):
+    (tmp_path / STORE_NAME).write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ValueError, match=r"sweep\.sqlite.*damaged"):
+        load_points(tmp_path)
+
+
+def test_second_sweep_into_the_same_folder_is_refused_with_the_holder(tmp_path, fast_sweep):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    sweep, calls, sts, _ = fast_sweep
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / STORE_NAME)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SweepLockedError, match=rf"pid {holder.pid} on {socket.gethostname()}"):
+            sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]})
+        assert calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.getpid() != holder.pid
+    sweep(tmp_path, {"a": sts["dsas"]}, {"a": [1.0]})  # the lock dies with its holder, even on kill -9
+    assert len(calls) == 2
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from dsas.sweep import sweep_lock
+with sweep_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_gate_rate_is_public():
+    from dsas.sweep import gate_rate
+
+    assert gate_rate(None, None, None, ["x"], 1.0) == 0.0
+
+
+def test_other_model_weights_are_recomputed(tmp_path, fast_sweep, tiny_tok):
+    """Same architecture and config, other weights (base vs fine-tuned): the baseline is not reused."""
+    from conftest import make_tiny_model
+
+    sweep, calls, _, _ = fast_sweep
+    sweep(tmp_path, {}, {})
+    calls.clear()
+    cfg = EvalConfig(n_wiki=2, n_mc=0)
+    other = make_tiny_model("llama", len(tiny_tok), seed=1)
+    run_sweep(other, tiny_tok, {}, {}, EvalData.build(EVALS, cfg), cfg, tmp_path, progress=False)
+    assert calls == [(None, 0.0, 2)]

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsas.options import check_fields
 from dsas.record import pool_tokens
 from dsas.rule import SiteParams, rule
 from dsas.sites import Site, find_blocks, get_module, output_tensor, replace_output, resolve_sites
 from dsas.steer import SteerState, Trace, check_width, pass_position, steering_frame, wrap_forward
+from dsas.torchutil import model_device
 
 THRESHOLD_DIRECTIONS = ("pc1", "mean")
 
@@ -48,6 +50,7 @@ class ThresholdConfig:
     is chosen by F1; the direction is fitted on the rest."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.direction not in THRESHOLD_DIRECTIONS:
             raise ValueError(
                 f"ThresholdConfig.direction={self.direction!r} is not one of {THRESHOLD_DIRECTIONS}."
@@ -265,12 +268,6 @@ def conditional_steering(
         for s in sites:
             g = gates[s.name]
             const = type(g)("const", None, 0.0, g.mult)
-            p = SiteParams.build(maps[s.name], const, _device(get_module(model, s)))
+            p = SiteParams.build(maps[s.name], const, model_device(get_module(model, s)))
             wrappers.append(wrap_forward(get_module(model, s), _site_hook(s, p, dec, state)))
         yield state.trace if state.trace is not None else Trace()
-
-
-def _device(mod: nn.Module) -> torch.device:
-    for t in (*mod.parameters(), *mod.buffers()):
-        return t.device
-    return torch.device("cpu")

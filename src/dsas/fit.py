@@ -29,6 +29,7 @@ from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
 from dsas.gates import DSASConfig, SiteGate, fit_regulator
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
+from dsas.options import check_fields
 from dsas.record import record
 from dsas.sites import Site, fingerprint, resolve_sites
 from dsas.steer import steering
@@ -48,12 +49,11 @@ class FitConfig:
     """Seeds everything random in fitting (CV folds, probe splits, initialisations, resampling)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"FitConfig.batch_size must be an integer >= 1, got {self.batch_size!r}.")
-        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 1:
-            raise ValueError(f"FitConfig.max_length must be an integer >= 1, got {self.max_length!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"FitConfig.seed must be an integer, got {self.seed!r}.")
+        check_fields(self)
+        if self.batch_size < 1 or self.max_length < 1:
+            raise ValueError(
+                f"FitConfig.batch_size and max_length must be >= 1, got {self.batch_size} and {self.max_length}."
+            )
 
 
 # ---- data: what fit records from ------------------------------------------------------------------------
@@ -63,9 +63,13 @@ class FitConfig:
 class FitData(Protocol):
     """Source / target / control examples that can record their activations at a list of sites."""
 
-    kind: str
-    """"text" or "images": what the model consumes (some components need a text model)."""
-    name: str
+    @property
+    def kind(self) -> str:
+        """"text" or "images": what the model consumes (some components need a text model)."""
+        ...
+
+    @property
+    def name(self) -> str: ...
 
     def validate(self, need_control: bool) -> None: ...
 

@@ -26,6 +26,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from dsas import rule
+from dsas.options import check_fields
 
 GATE_KINDS = ("const", "sigmoid", "relu")
 
@@ -78,6 +79,7 @@ class DSASConfig:
     offset: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         choices = {
             "acc_mode": ("cv", "train", "holdout"),
             "features": ("mean", "tokens"),

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from dsas import rule
+from dsas.options import check_fields
 
 
 @dataclass
@@ -102,6 +103,7 @@ class ITIConfig:
     """Fraction of source+target prompts (stratified, seeded by FitConfig.seed) on which probes are ranked."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.unit not in ITI_UNITS:
             raise ValueError(f"ITIConfig.unit={self.unit!r} is not one of {ITI_UNITS}.")
         if self.top_k is not None and self.top_k < 1:
@@ -270,6 +272,7 @@ class LinearActConfig:
     """Fit site by site, recording each site with the already fitted upstream sites steered (ml-act `incr`)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0 <= self.q_lo < self.q_hi <= 100:
             raise ValueError("LinearActConfig needs source percentiles 0 <= q_lo < q_hi <= 100.")
 

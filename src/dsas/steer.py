@@ -30,6 +30,7 @@ from torch import nn
 from dsas.compiled import ACTIVE, pack_sites, unpack
 from dsas.rule import Folded, SiteParams, fold, rule, rule_folded
 from dsas.sites import Site, get_module, output_tensor, replace_output
+from dsas.torchutil import module_device
 
 EXPANDS = ("interleave", "tile")
 
@@ -212,12 +213,14 @@ def _protect(mod: nn.Module) -> None:
         return new
 
     def reduce_unsteered(_protocol: Any) -> Any:
-        return (copyreg.__newobj__, (type(mod),), _unsteered_state(mod))
+        return (copyreg.__newobj__, (type(mod),), _unsteered_state(mod))  # type: ignore[attr-defined]
 
     d["__deepcopy__"], d["__reduce_ex__"] = deepcopy_unsteered, reduce_unsteered
 
 
-def wrap_method(mod: nn.Module, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:
+def wrap_method(
+    mod: nn.Module, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Wrapped:
     """Replace `mod.<name>` on the instance by `make(current)` (a function of the call's arguments), installed
     as a bound method with the original's signature (callers such as generate() read forward's signature). An
     existing instance-level method (e.g. accelerate's forward) is the one wrapped, and restored by `remove`."""
@@ -295,14 +298,6 @@ def pass_position(args: Any, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor 
         if cache is not None and hasattr(cache, "get_seq_length"):
             off = int(cache.get_seq_length())
     return max(off, 0), mask, ref if isinstance(ref, torch.Tensor) else None
-
-
-def module_device(module: nn.Module) -> torch.device | None:
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return None
 
 
 def _generate_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

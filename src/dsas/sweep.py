@@ -1,16 +1,26 @@
 """Strength sweeps, Pareto fronts and "toxicity at matched utility".
 
-A sweep evaluates every (steerer, strength) point on the same held-out data and appends one JSON line per
-point, so an interrupted sweep resumes without recomputing finished points. Strength 0 of any steerer is the
-unsteered model (bit-identical), so the baseline is computed once.
+A sweep evaluates every (steerer, strength) point on the same held-out data and stores each point in the run
+folder's sqlite file (`sweep.sqlite`) as it finishes, keyed by what determines its numbers: the steerer's
+content hash, a hash of the evaluation settings, data and model, and the strength. An interrupted sweep resumes
+without recomputing finished points, and a point is never reused for other settings, another model or another
+fit under the same name. Strength 0 of any steerer is the unsteered model (bit-identical), so the baseline is
+computed once per evaluation setting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
+import sqlite3
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dsas.artifact import content_hash, read_artifact
 from dsas.eval import (
     MCQuestion,
     build_wiki_mc,
@@ -33,6 +44,11 @@ from dsas.eval import (
 )
 from dsas.record import model_device
 from dsas.steerer import Steerer
+
+STORE_NAME = "sweep.sqlite"
+BASELINE = "unsteered"
+POINT_VERSION = 1
+"""Part of every evaluation hash: bump it when a metric's definition changes, so stored points are recomputed."""
 
 
 @dataclass
@@ -85,7 +101,7 @@ class EvalData:
         return cls(eval_sets[target_key][: cfg.n_prompts], eval_sets[neutral_key][: cfg.n_neutral], wiki, mc)
 
 
-def _gate_rate(st: Steerer | None, model: nn.Module, tok: Any, texts: list[str], strength: float) -> float:
+def gate_rate(st: Steerer | None, model: nn.Module, tok: Any, texts: list[str], strength: float) -> float:
     """Fraction of (steered site, real token) pairs of `texts` whose gate g exceeds 0.5 at this strength."""
     if st is None or strength == 0 or not st.steered:
         return 0.0
@@ -140,8 +156,8 @@ def evaluate_point(
         neutral_toxicity=toxicity_summary(scorer(neutral))["rate"],
         ppl=float(ppl),
         mc_acc=None if mc is None else float(mc),
-        false_steer_rate=_gate_rate(st, model, tok, data.neutral, strength),
-        true_steer_rate=_gate_rate(st, model, tok, data.prompts, strength),
+        false_steer_rate=gate_rate(st, model, tok, data.neutral, strength),
+        true_steer_rate=gate_rate(st, model, tok, data.prompts, strength),
         samples=[
             {"prompt": p, "continuation": c} for p, c in list(zip(data.prompts, conts, strict=True))[:6]
         ],
@@ -153,21 +169,248 @@ def evaluate_point(
     return out
 
 
+# -- content keys -------------------------------------------------------------------------------------------
+
+
+def steerer_hash(st: Steerer) -> str:
+    """`dsas.artifact.content_hash` of what `st.save` writes: equal for a steerer, its reload and an identical
+    refit; different when any tensor, gate or option differs."""
+    with tempfile.TemporaryDirectory(prefix="dsas-hash-") as d:
+        st.save(d)
+        return content_hash(*read_artifact(d))
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """A cheap fingerprint of a model's identity: class, config (minus paths) and a hash of a few fixed
+    weight slices (first, middle and last parameter), so a base and an instruct model of one config differ."""
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    cfg: dict[str, Any] = to_dict() if callable(to_dict) else {}
+    for k in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash"):
+        cfg.pop(k, None)
+    params = list(model.named_parameters())
+    picks = dict.fromkeys(i for i in (0, len(params) // 2, len(params) - 1) if 0 <= i < len(params))
+    h = hashlib.sha256()
+    for i in picks:
+        name, p = params[i]
+        h.update(f"{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
+        if p.device.type != "meta":
+            flat = p.detach().reshape(-1)
+            sl = torch.cat([flat[:256], flat[-256:]]).to("cpu", torch.float32)
+            h.update(sl.numpy().tobytes())
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": cfg,
+        "n_params": sum(p.numel() for _, p in params),
+        "weights": h.hexdigest(),
+    }
+
+
+def _tokenizer_signature(tok: Any) -> dict[str, Any]:
+    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+    return {
+        "class": type(tok).__qualname__,
+        "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+
+
+def eval_hash(model: nn.Module, tok: Any, data: EvalData, cfg: EvalConfig) -> str:
+    """sha256 of everything a point's numbers depend on besides the steerer and strength: every EvalConfig
+    field, the evaluation data actually used (prompts, paragraphs, questions), the model and the tokenizer."""
+    payload = {
+        "version": POINT_VERSION,
+        "eval": asdict(cfg),
+        "data": asdict(data),
+        "model": model_signature(model),
+        "tokenizer": _tokenizer_signature(tok),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def point_key(name: str, strength: float) -> str:
     return f"{name}@{float(strength):g}"
 
 
+# -- the store ----------------------------------------------------------------------------------------------
+
+
+class SweepLockedError(ValueError):
+    """Another live process is sweeping into the same run folder (a ValueError, so the CLI prints one line)."""
+
+
+def store_path(out: str | Path) -> Path:
+    """The sqlite store of a run: `<out>/sweep.sqlite` for a folder; `x.jsonl` (the old file) maps to `x.sqlite`."""
+    p = Path(out)
+    if p.suffix == ".sqlite":
+        return p
+    if p.suffix == ".jsonl":
+        return p.with_suffix(".sqlite")
+    return p / STORE_NAME
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    steerer_hash TEXT NOT NULL, eval_hash TEXT NOT NULL, strength REAL NOT NULL,
+    row TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (steerer_hash, eval_hash, strength));
+CREATE TABLE IF NOT EXISTS labels (
+    name TEXT NOT NULL, strength REAL NOT NULL, steerer_hash TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (name, strength));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    steerer_hash TEXT, eval_hash TEXT, strength REAL, row TEXT, reason TEXT, created REAL);
+"""
+
+
+def _connect(store: Path, create: bool = True) -> sqlite3.Connection | None:
+    """A connection to the store (None: it holds no tables yet). Without `create`, an existing file is opened
+    read-write when possible, since sqlite must roll back the journal a killed writer left before reading."""
+    try:
+        if create:
+            con = sqlite3.connect(store, timeout=30)
+            con.executescript(_SCHEMA)
+        else:
+            try:
+                con = sqlite3.connect(f"{store.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
+            except sqlite3.OperationalError:  # a read-only folder
+                con = sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"points", "labels", "meta"} <= tables:
+            con.close()
+            return None
+    except sqlite3.DatabaseError as err:
+        raise ValueError(
+            f"{store} is damaged or not a dsas sweep store ({err}). Move it aside to start the sweep afresh "
+            "(dsas never deletes it)."
+        ) from None
+    return con
+
+
+@contextmanager
+def sweep_lock(store: Path) -> Iterator[None]:
+    """Hold the run folder's lock for a whole sweep; a second sweep is told who holds it.
+
+    The lock is an OS file lock on `<store>.lock`, released by the kernel when its holder exits in any way
+    (kill -9 included), so it never goes stale; the file records the holder's pid, host and start time.
+    """
+    path = store.with_name(store.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _lock_fd(fd)
+        except OSError:
+            holder = path.read_text(errors="replace").strip() or "a process that has not yet said who it is"
+            raise SweepLockedError(
+                f"{store} is in use by another sweep ({holder}). Wait for it to finish, or sweep into "
+                "another folder."
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode())
+        os.fsync(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _lock_fd(fd: int) -> None:
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _set_view(con: sqlite3.Connection, ev: str, plan: Sequence[tuple[str, str, float]]) -> None:
+    """Make `plan` the run's view: the labels `name@strength` the report shows, each pointing at a content key.
+
+    Labels of other evaluation settings are dropped from the view (their points stay stored and are reused if
+    those settings come back); so are a name's labels that point at another fit of that name."""
+    prev = con.execute("SELECT value FROM meta WHERE key = 'eval_hash'").fetchone()
+    if prev is None or prev[0] != ev:
+        con.execute("DELETE FROM labels")
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('eval_hash', ?)", (ev,))
+    for name, sh, s in plan:
+        con.execute("DELETE FROM labels WHERE name = ? AND steerer_hash != ?", (name, sh))
+        con.execute(
+            "INSERT INTO labels VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM labels)) "
+            "ON CONFLICT (name, strength) DO NOTHING",
+            (name, s, sh),
+        )
+
+
+def _get_point(con: sqlite3.Connection, sh: str, ev: str, s: float) -> dict[str, Any] | None:
+    got = con.execute(
+        "SELECT row FROM points WHERE steerer_hash = ? AND eval_hash = ? AND strength = ?", (sh, ev, s)
+    ).fetchone()
+    if got is None:
+        return None
+    try:
+        row = json.loads(got[0])
+        if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        return row
+    except ValueError as err:
+        with con:  # keep the damaged row for inspection; the point is recomputed
+            con.execute(
+                "INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?)", (sh, ev, s, got[0], str(err), time.time())
+            )
+            con.execute(
+                "DELETE FROM points WHERE steerer_hash = ? AND eval_hash = ? AND strength = ?", (sh, ev, s)
+            )
+        warnings.warn(
+            f"a stored point ({s:g}) was damaged ({err}); it is kept in the quarantine table and recomputed.",
+            stacklevel=3,
+        )
+        return None
+
+
+def _labelled(row: dict[str, Any], name: str, s: float) -> dict[str, Any]:
+    return {**row, "key": point_key(name, s), "name": name, "strength": s}
+
+
 def load_points(path: str | Path) -> list[dict[str, Any]]:
-    """Read a sweep's JSONL; a truncated last line (interrupted write) is ignored."""
+    """The points of a run, in sweep order: its sqlite store (the latest evaluation settings only), or for a
+    run written by an earlier version its `sweep.jsonl`, read-only (damaged lines are skipped with a warning
+    and left in the file)."""
     p = Path(path)
-    if not p.exists():
+    store = store_path(p)
+    if store.exists():
+        con = _connect(store, create=False)
+        if con is None:
+            return []
+        try:
+            got = con.execute(
+                "SELECT labels.name, labels.strength, points.row FROM labels JOIN points "
+                "ON points.steerer_hash = labels.steerer_hash AND points.strength = labels.strength "
+                "AND points.eval_hash = (SELECT value FROM meta WHERE key = 'eval_hash') ORDER BY labels.seq"
+            ).fetchall()
+        finally:
+            con.close()
+        return [_labelled(json.loads(row), name, s) for name, s, row in got]
+    return _read_legacy(p if p.suffix == ".jsonl" else store.with_suffix(".jsonl"))
+
+
+def _read_legacy(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
         return []
     rows = []
-    for line in p.read_text().splitlines():
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            warnings.warn(
+                f"{path} line {i} is damaged (an interrupted or concurrent write); it is skipped and left in "
+                "the file.",
+                stacklevel=3,
+            )
     return rows
 
 
@@ -185,38 +428,56 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Evaluate every steerer at every strength of its grid (plus the unsteered baseline once).
 
-    Points already in `out` (same key) are kept, not recomputed; new points are appended as they finish.
+    `out` is the run folder (or a path in it: `sweep.jsonl` maps to `sweep.sqlite` beside it). Each point is
+    stored under (steerer content hash, evaluation hash, strength) as soon as it finishes (one transaction), so
+    a rerun recomputes exactly the points it has not stored for this steerer content, these evaluation
+    settings and this model, whatever the names. The folder is locked for the sweep: a second concurrent sweep
+    into it raises `SweepLockedError` naming the holder. A `sweep.jsonl` of an earlier version is never
+    rewritten and its points are not reused (they carry no content key).
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept = load_points(out)
-    done = {r["key"]: r for r in kept}
-    if out.exists() and len(out.read_text().splitlines()) != len(kept):
-        # Drop the torn line an interrupted run left, so new points start on a clean line.
-        out.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    todo: list[tuple[str, Steerer | None, float]] = [("unsteered", None, 0.0)]
+    if BASELINE in steerers:
+        raise ValueError(f"A steerer may not be named {BASELINE!r} (the name of the baseline); rename it.")
+    store = store_path(out)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    hashes = {name: steerer_hash(st) for name, st in steerers.items()}
+    ev = eval_hash(model, tok, data, cfg)
+    plan: list[tuple[str, Steerer | None, str, float]] = [(BASELINE, None, BASELINE, 0.0)]
     for name, st in steerers.items():
-        todo += [(name, st, float(s)) for s in grid[name] if float(s) != 0.0]
+        strengths = dict.fromkeys(float(s) for s in grid[name] if float(s) != 0.0)
+        plan += [(name, st, hashes[name], s) for s in strengths]
     rows = []
-    bar = tqdm(todo, desc="sweep", disable=not progress)
-    for name, st, s in bar:
-        key = point_key(name, s)
-        bar.set_postfix_str(key)
-        if key in done:
-            rows.append(done[key])
-            continue
-        row = {"key": key, "name": name, "strength": s}
-        if st is not None:
-            row.update(method=st.method, gate=st.gate)
-        else:
-            row.update(method="none", gate="none")
-        row.update(evaluate_point(model, tok, st, s, data, cfg))
-        row["eval"] = asdict(cfg)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
-        if on_point is not None:
-            on_point(row)
+    with sweep_lock(store):
+        con = _connect(store)
+        assert con is not None  # the schema was just created
+        try:
+            with con:
+                _set_view(con, ev, [(n, h, s) for n, _, h, s in plan])
+            bar = tqdm(plan, desc="sweep", disable=not progress)
+            for name, st, sh, s in bar:
+                bar.set_postfix_str(point_key(name, s))
+                row = _get_point(con, sh, ev, s)
+                if row is None:
+                    row = (
+                        {"method": "none", "gate": "none"}
+                        if st is None
+                        else {"method": st.method, "gate": st.gate}
+                    )
+                    row.update(evaluate_point(model, tok, st, s, data, cfg))
+                    row.update(eval=asdict(cfg), steerer_hash=sh, eval_hash=ev)
+                    with con:
+                        con.execute(
+                            "INSERT INTO points VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                            "row = excluded.row, created = excluded.created",
+                            (sh, ev, s, json.dumps(row), time.time()),
+                        )
+                    row = _labelled(row, name, s)
+                    rows.append(row)
+                    if on_point is not None:
+                        on_point(row)
+                else:
+                    rows.append(_labelled(row, name, s))
+        finally:
+            con.close()
     return rows
 
 
@@ -240,14 +501,19 @@ def pareto_front(
 
 
 def value_at_budget(
-    points: Sequence[dict[str, Any]], budget: float, x: str = "ppl", y: str = "toxicity"
+    points: Sequence[dict[str, Any]],
+    budget: float,
+    x: str = "ppl",
+    y: str = "toxicity",
+    read: str | None = None,
 ) -> float:
-    """Lowest y reachable with x <= budget, interpolating linearly between neighbouring front points."""
+    """Lowest y reachable with x <= budget, interpolating linearly between neighbouring front points.
+    `read`: report another column of the same front points, at the same spot, instead of y."""
     front = pareto_front(points, x, y)
     if not front or front[0][x] > budget:
         return float("nan")
     xs = np.array([p[x] for p in front], dtype=float)
-    ys = np.array([p[y] for p in front], dtype=float)
+    ys = np.array([p[read or y] for p in front], dtype=float)
     if budget >= xs[-1]:
         return float(ys[-1])
     return float(np.interp(budget, xs, ys))

@@ -19,6 +19,7 @@ coordinate's spread over the target prompts, so that one Adam step moves every c
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap, resample_sorted
+from dsas.options import check_fields
 from dsas.record import tokenize
 from dsas.rule import SiteParams, gate, rule
 from dsas.sites import Site, get_module, output_tensor, replace_output
@@ -76,6 +78,7 @@ class LinEASConfig:
     every coordinate at the same relative speed: coordinates of a residual increment differ in scale by 100x."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.steps is not None and self.steps < 1:
             raise ValueError("LinEASConfig.steps must be >= 1 (or None for the default budget).")
         if self.lr <= 0:
@@ -114,6 +117,7 @@ class E2EConfig:
     per coordinate), so that ρ means the same at every site."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.beta < 0 or self.gate_weight_decay < 0:
             raise ValueError("E2EConfig.beta and gate_weight_decay must be >= 0.")
         if self.gate_lr is not None and self.gate_lr <= 0:
@@ -174,12 +178,26 @@ class _Batch:
     (W2 sorts, the retain term sums), and one backward pass covers all chunks."""
 
     def __init__(
-        self, tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device, chunk: int
+        self,
+        tokenizer: Any,
+        texts: Sequence[str],
+        max_length: int,
+        device: torch.device,
+        chunk: int,
+        positions: bool = True,
     ):
         lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
         self.chunks = [
-            _Chunk(tokenize(tokenizer, [texts[i] for i in order[k : k + chunk]], max_length, device))
+            _Chunk(
+                tokenize(
+                    tokenizer,
+                    [texts[i] for i in order[k : k + chunk]],
+                    max_length,
+                    device,
+                    position_ids=positions,
+                )
+            )
             for k in range(0, len(texts), max(1, chunk))
         ]
         self.tokens = float(sum(float(c.mask.sum()) for c in self.chunks))
@@ -351,6 +369,15 @@ class _Trainer:
         }
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword `name`."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _spread(x: torch.Tensor) -> torch.Tensor:
     """Per-coordinate std of the rows of x, floored at 1e-3 of its mean so a constant coordinate is no division
     by zero: the unit in which shifts and gate weights are learned."""
@@ -399,8 +426,12 @@ def train_maps(
             units.append(_spread(target_means[s.name].float().to(dev)))
     tr = _Trainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
     targets = [torch.sort(target_means[s.name].to(dev, torch.float32), dim=0).values for s in sites]
-    src = _Batch(tokenizer, source, max_length, dev, chunk)
-    ctl = _Batch(tokenizer, control, max_length, dev, chunk) if gate_kind is not None and control else None
+    # Position ids from the mask make the loss independent of the padding side (absolute-position models).
+    pos = _accepts(model, "position_ids")
+    src = _Batch(tokenizer, source, max_length, dev, chunk, pos)
+    ctl = (
+        _Batch(tokenizer, control, max_length, dev, chunk, pos) if gate_kind is not None and control else None
+    )
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
