@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dsas.data import BUILTIN_PROMPT_SETS, PromptSets, list_prompt_sets, load_prompt_sets
 
@@ -247,7 +249,7 @@ def test_csv_without_header(tmp_path):
 def test_csv_empty_text_cell(tmp_path):
     path = tmp_path / "blank.csv"
     path.write_text("split,text\nsource,\n")
-    with pytest.raises(ValueError, match="row 2 has an empty text"):
+    with pytest.raises(ValueError, match="line 2 has an empty text"):
         load_prompt_sets(path)
 
 
@@ -263,3 +265,73 @@ def test_label_noise_swaps_exactly_the_requested_fraction(p):
     assert noisy.meta["label_noise"] == p and sets.with_label_noise(p, seed=3).source == noisy.source
     with pytest.raises(ValueError, match=r"fraction in \[0, 1\]"):
         sets.with_label_noise(1.5)
+
+
+def test_csv_unquoted_commas_stay_in_a_last_text_column(tmp_path):
+    """A spreadsheet-less user writes `source,you are, like, awful`: the text keeps its commas, not 'you are'."""
+    path = tmp_path / "plain.csv"
+    path.write_text(
+        'split,text\nsource,you are, like, awful\nsource,x\ntarget,"kind, and\nwarm"\ntarget,y\n'
+        "control,the city\ncontrol,z\n,,\n"
+    )
+    sets = load_prompt_sets(path)
+    assert sets.source == ["you are, like, awful", "x"]
+    assert sets.target == ["kind, and\nwarm", "y"]  # a quoted field may span lines
+    assert sets.control == ["the city", "z"]
+
+
+def test_csv_comma_in_a_text_before_other_columns_is_located(tmp_path):
+    path = tmp_path / "mid.csv"
+    path.write_text("split,text,notes\nsource,ok,n\nsource,you are, like, awful,n\n")
+    with pytest.raises(
+        ValueError, match=r"mid.csv, line 3 has 5 fields but the header has 3.*Quote the text"
+    ):
+        load_prompt_sets(path)
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_non_utf8_file_is_named(tmp_path, ext):
+    path = tmp_path / f"latin.{ext}"
+    body = "split,text\nsource,caf\xe9\n" if ext == "csv" else '{"split": "source", "text": "caf\xe9"}\n'
+    path.write_bytes(body.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"latin.{ext} is not UTF-8 text \(byte 0xe9 at position \d+\)"):
+        load_prompt_sets(path)
+
+
+def test_directory_with_bad_meta_or_encoding_names_the_file(tmp_path):
+    for split, text in _rows()[:6]:
+        with (tmp_path / f"{split}.txt").open("a") as f:
+            f.write(text + "\n")
+    (tmp_path / "meta.json").write_text("{concept: pear}")
+    with pytest.raises(ValueError, match=r"meta.json is not valid JSON"):
+        load_prompt_sets(tmp_path)
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "eval_x.txt").write_bytes(b"\xff\xfe bad\n")
+    with pytest.raises(ValueError, match=r"eval_x.txt is not UTF-8 text"):
+        load_prompt_sets(tmp_path)
+
+
+_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1, max_size=40
+).filter(lambda t: t.strip() == t and t)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_TEXT, min_size=3, max_size=9), ext=st.sampled_from(["csv", "jsonl"]))
+def test_prompt_files_round_trip(tmp_path, texts, ext):
+    """Whatever the text (commas, quotes, brackets, newlines inside, unicode), what csv.writer / json.dumps
+    write is what load_prompt_sets reads."""
+    import csv
+
+    rows = [(("source", "target", "control")[i % 3], t) for i, t in enumerate(texts)]
+    path = tmp_path / f"sets.{ext}"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        if ext == "csv":
+            w = csv.writer(f)
+            w.writerow(["split", "text"])
+            w.writerows(rows)
+        else:
+            f.writelines(json.dumps({"split": s, "text": t}) + "\n" for s, t in rows)
+    sets = load_prompt_sets(path)
+    for split in ("source", "target", "control"):
+        assert getattr(sets, split) == [t for s, t in rows if s == split]

@@ -106,3 +106,16 @@ def test_text_stops_at_eos(tiny_lm, tiny_tok):
         progress=False,
     )[0]
     assert got == tiny_tok.decode(ref[: ref.index(stop)], skip_special_tokens=True)
+
+
+def test_prompt_past_the_context_is_a_clear_error(tiny_tok):
+    """GPT-2 has 128 learned positions here: say so up front instead of an index error mid-generation."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("gpt2", len(tiny_tok))
+    long = " ".join(["the city"] * 60)  # 121 tokens
+    with pytest.raises(
+        ValueError, match=r"prompt 1 has 121 tokens; with max_new_tokens=16 .* context of 128"
+    ):
+        generate_continuations(model, tiny_tok, ["a city", long], max_new_tokens=16, progress=False)
+    assert len(generate_continuations(model, tiny_tok, [long], max_new_tokens=4, progress=False)) == 1

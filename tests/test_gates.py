@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsas.gates import DSASConfig, SiteGate, _fit_pipe, fit_regulator, fold_pipeline
+from dsas.gates import DSASConfig, SiteGate, fit_pipeline, fit_regulator, fold_pipeline
 
 
 def _planted(n=32, d=40, sep=3.0, seed=0):
@@ -22,7 +22,7 @@ def test_folded_gate_equals_sklearn_predict_proba():
     src, ctl = _planted(sep=1.5)
     X = torch.cat([src, ctl]).double().numpy()
     y = np.r_[np.ones(32), np.zeros(32)]
-    pipe = _fit_pipe(X, y, None, 5, 1.0)
+    pipe = fit_pipeline(X, y, None, 5, 1.0)
     w, b = fold_pipeline(pipe)
     gate = SiteGate("sigmoid", torch.from_numpy(w).float(), b)
     z = torch.randn(100, 40) * 2

@@ -75,3 +75,59 @@ def test_pool_tokens_feature_maps_and_errors():
     torch.testing.assert_close(pool_tokens(x, None, "mean"), x.mean(dim=(2, 3)))
     with pytest.raises(ValueError, match="pool="):
         pool_tokens(torch.zeros(1, 2, 3), None, "max")
+
+
+def _tensors(steerer, path):
+    from safetensors.torch import load_file
+
+    steerer.save(path)
+    return load_file(str(path / "dsas_steerer.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method,gate", [("caa", "dsas"), ("lineas", "none")])
+def test_fit_does_not_depend_on_the_padding_side(arch, method, gate, engine_sets, tmp_path, single_thread):
+    """Absolute-position models: a left-padded prompt must be recorded (and trained on) at the positions of a
+    right-padded one, so the CAA vectors, the regulator and trained maps come out the same."""
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    import dsas
+
+    got = {}
+    for side in ("left", "right"):
+        tok = make_tiny_tokenizer()
+        tok.padding_side = side
+        model = make_tiny_model(arch, len(tok))
+        opts = {"steps": 3} if method == "lineas" else {"acc_threshold": 0.5}
+        st = dsas.fit(model, tok, engine_sets, method=method, gate=gate, progress=False, batch_size=5, **opts)
+        got[side] = _tensors(st, tmp_path / side)
+    assert got["left"].keys() == got["right"].keys() and got["left"]
+    for k, v in got["left"].items():
+        torch.testing.assert_close(v, got["right"][k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_position_ids_follow_the_mask():
+    from dsas.record import position_ids_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 1, 1, 1]]
+
+
+def test_prompt_longer_than_the_context_is_truncated_with_a_warning(tiny_tok, single_thread):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("gpt2", len(tiny_tok))  # n_positions=128
+    sites = resolve_sites(model, "mlp")
+    long = " ".join(["the city"] * 100)  # 201 tokens
+    with pytest.warns(UserWarning, match="longer than the model's context of 128 tokens"):
+        got = record(model, tiny_tok, [long, "a city"], sites, progress=False)
+    short = record(model, tiny_tok, ["a city"], sites, progress=False)
+    for s in sites:
+        assert torch.isfinite(got[s.name]).all()
+        torch.testing.assert_close(got[s.name][1:], short[s.name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_batch_size_is_a_clear_error(model, tiny_tok, bad):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        record(model, tiny_tok, TEXTS, resolve_sites(model, "mlp"), batch_size=bad, progress=False)

@@ -9,7 +9,7 @@ per-site, per-token gate. See README.md and docs/.
 from dsas.calibrate import Calibration, calibrate_strength
 from dsas.condition import Condition, ThresholdConfig
 from dsas.data import PromptSets, list_prompt_sets, load_prompt_sets
-from dsas.fit import FitConfig, fit
+from dsas.fit import CAAConfig, FitConfig, fit
 from dsas.gates import DSASConfig, SiteGate
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap
 from dsas.models import ModelUnavailableError, load_model
@@ -19,6 +19,7 @@ from dsas.steerer import Steerer
 from dsas.train import E2EConfig, LinEASConfig
 
 __all__ = [
+    "CAAConfig",
     "Calibration",
     "Condition",
     "DSASConfig",

@@ -65,7 +65,7 @@ class FitData(Protocol):
 
     @property
     def kind(self) -> str:
-        """"text" or "images": what the model consumes (some components need a text model)."""
+        """ "text" or "images": what the model consumes (some components need a text model)."""
         ...
 
     @property
@@ -222,9 +222,40 @@ def register_gate(
 # ---- built-in methods ------------------------------------------------------------------------------------
 
 
-def _caa(ctx: FitContext) -> dict[str, SiteMap]:
+@dataclass
+class CAAConfig:
+    """Options of CAA (mean difference of token-mean activations)."""
+
+    incremental: bool = False
+    """Fit site by site, recording each site's source activations with the sites below it already steered
+    (strength 1, no gate), so that strength 1 moves what actually arrives at every site onto the target and the
+    shifts of all sites do not add up along the residual stream."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _site_by_site(
+    ctx: FitContext, incremental: bool, fit_one: Callable[[Site, torch.Tensor, torch.Tensor], SiteMap]
+) -> dict[str, SiteMap]:
+    """Fit every site's map from its (source, target) activations; with `incremental`, site l's source
+    activations are recorded with sites < l steered by the maps fitted so far (strength 1, no gate). Targets
+    are always the unsteered target activations."""
     src, tgt = ctx.acts("source"), ctx.acts("target")
-    return {s.name: fit_caa(src[s.name], tgt[s.name]) for s in ctx.sites}
+    maps: dict[str, SiteMap] = {}
+    for i, s in enumerate(ctx.sites):
+        x = src[s.name]
+        if incremental and i > 0:
+            up = ctx.sites[:i]
+            with steering(ctx.model, up, maps, {u.name: SiteGate() for u in up}, 1.0):
+                x = ctx.record("source", [s])[s.name]
+        maps[s.name] = fit_one(s, x, tgt[s.name])
+    return maps
+
+
+def _caa(ctx: FitContext) -> dict[str, SiteMap]:
+    cfg: CAAConfig = ctx.options["caa"]
+    return _site_by_site(ctx, cfg.incremental, lambda _s, x, t: fit_caa(x, t))
 
 
 def _iti(ctx: FitContext) -> dict[str, SiteMap]:
@@ -232,27 +263,17 @@ def _iti(ctx: FitContext) -> dict[str, SiteMap]:
     heads = cfg.heads
     if cfg.unit == "head" and heads is None:
         heads = getattr(getattr(ctx.model, "config", None), "num_attention_heads", None)
-    src, tgt = ctx.acts("source"), ctx.acts("target")
-    maps = {}
-    for s in ctx.sites:
-        maps[s.name], ctx.stats[s.name] = fit_iti(src[s.name], tgt[s.name], cfg, heads, ctx.fit.seed)
-    return maps
+
+    def one(s: Site, x: torch.Tensor, t: torch.Tensor) -> SiteMap:
+        m, ctx.stats[s.name] = fit_iti(x, t, cfg, heads, ctx.fit.seed)
+        return m
+
+    return _site_by_site(ctx, cfg.incremental, one)
 
 
 def _linear_act(ctx: FitContext) -> dict[str, SiteMap]:
-    """Linear-AcT, incrementally: site l is fitted on source activations recorded with sites < l steered
-    (strength 1, no gate); targets are the unsteered target activations."""
     cfg: LinearActConfig = ctx.options["linear_act"]
-    src, tgt = ctx.acts("source"), ctx.acts("target")
-    maps: dict[str, SiteMap] = {}
-    for i, s in enumerate(ctx.sites):
-        x = src[s.name]
-        if cfg.incremental and i > 0:
-            up = ctx.sites[:i]
-            with steering(ctx.model, up, maps, {u.name: SiteGate() for u in up}, 1.0):
-                x = ctx.record("source", [s])[s.name]
-        maps[s.name] = fit_linear_act(x, tgt[s.name], cfg.quantiles)
-    return maps
+    return _site_by_site(ctx, cfg.incremental, lambda _s, x, t: fit_linear_act(x, t, cfg.quantiles))
 
 
 def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
@@ -349,7 +370,7 @@ def _gate_threshold(ctx: FitContext) -> Gates:
     return Gates({n: SiteGate() for n in names}, names, {n: dict(stats) for n in names}, condition=cond)
 
 
-register_method("caa", _caa)
+register_method("caa", _caa, {"caa": CAAConfig})
 register_method("iti", _iti, {"iti": ITIConfig})
 register_method("lineas", _lineas, {"lineas": LinEASConfig}, text_only=True)
 register_method("linear_act", _linear_act, {"linear_act": LinearActConfig})

@@ -118,7 +118,8 @@ def _pipeline(n_components: int, C: float) -> Pipeline:
     )
 
 
-def _fit_pipe(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, r: int, C: float) -> Pipeline:
+def fit_pipeline(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, r: int, C: float) -> Pipeline:
+    """PCA(r, at most what the data allows) -> balanced logistic regression, fitted with sample weights `w`."""
     pipe = _pipeline(max(1, min(r, X.shape[0] - 1, X.shape[1])), C)
     pipe.fit(X, y, lr__sample_weight=w)
     return pipe
@@ -139,7 +140,7 @@ def regulator_accuracy(
     """Accuracy of the PCA -> LR pipeline as `cfg.acc_mode` says (PCA refitted inside every fold); `seed`
     shuffles the folds."""
     if cfg.acc_mode == "train":
-        return _accuracy(_fit_pipe(X, y, w, cfg.pca_dim, cfg.C), X, y, w)
+        return _accuracy(fit_pipeline(X, y, w, cfg.pca_dim, cfg.C), X, y, w)
     g = groups if groups is not None else np.arange(len(y))
     # Class sizes in prompts (groups), which is what limits the number of folds.
     n_min = min(len(np.unique(g[y == c])) for c in (0, 1))
@@ -148,7 +149,7 @@ def regulator_accuracy(
         gy = np.array([y[g == u][0] for u in ug])
         tr_g, _ = train_test_split(ug, test_size=0.25, stratify=gy, random_state=seed)
         tr = np.isin(g, tr_g)
-        pipe = _fit_pipe(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
+        pipe = fit_pipeline(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
         return _accuracy(pipe, X[~tr], y[~tr], None if w is None else w[~tr])
     k = min(cfg.folds, n_min)
     splitter: Any = (
@@ -158,7 +159,7 @@ def regulator_accuracy(
     )
     hits = weights = 0.0
     for tr, te in splitter.split(X, y, groups=groups):
-        pipe = _fit_pipe(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
+        pipe = fit_pipeline(X[tr], y[tr], None if w is None else w[tr], cfg.pca_dim, cfg.C)
         wt = np.ones(len(te)) if w is None else w[te]
         hits += float(((pipe.predict(X[te]) == y[te]) * wt).sum())
         weights += float(wt.sum())
@@ -198,7 +199,7 @@ def fit_regulator(
     # regulator fit up to 60x slower (measured: 8.8 s vs 0.13 s per site on 2 shared cores).
     with threadpool_limits(limits=1):
         acc = regulator_accuracy(X, y, cfg, groups, w, seed)
-        pipe = _fit_pipe(X, y, w, cfg.pca_dim, cfg.C)
+        pipe = fit_pipeline(X, y, w, cfg.pca_dim, cfg.C)
     wv, b = fold_pipeline(pipe)
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
     active = acc >= cfg.acc_threshold

@@ -101,6 +101,8 @@ class ITIConfig:
     """Inverse L2 strength of the per-unit (per-head) logistic probes; class_weight is balanced."""
     holdout: float = 0.25
     """Fraction of source+target prompts (stratified, seeded by FitConfig.seed) on which probes are ranked."""
+    incremental: bool = False
+    """Fit site by site with the sites below already steered (see `CAAConfig.incremental`)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

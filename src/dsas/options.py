@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import sys
 import types
 import typing
@@ -30,9 +31,9 @@ def check_fields(obj: Any) -> None:
     `ClassName.field`, what was given and the fix.
 
     Understood: int, float (an int is accepted; NaN / inf refused unless the field's metadata allows them), bool
-    (not 0 / 1), str, Literal[...], `X | None` and other unions, tuple[X, ...] / tuple[X, Y], list[X],
-    Sequence[X] (a list or tuple, not a string), dict / Mapping. Other annotations (Any, nested configs, callables)
-    are not checked."""
+    (not 0 / 1), str, Literal[...], `X | None` and other unions, tuple[X, ...] / tuple[X, Y] / list[X] /
+    Sequence[X] (a list or a tuple of such items, not a string), dict / Mapping; numpy scalars count as numbers.
+    Other annotations (Any, nested configs, callables) are not checked."""
     cls = type(obj)
     hints = _hints(cls)
     for f in dataclasses.fields(obj):
@@ -83,9 +84,11 @@ def _problem(value: Any, hint: Any, nonfinite: bool) -> str | None:
         return None
     if origin is Union or origin is types.UnionType:
         problems = [_problem(value, a, nonfinite) for a in args]
-        if any(p is None for p in problems):
+        found = [p for p in problems if p is not None]
+        if len(found) < len(problems):
             return None
-        arms = [p for a, p in zip(args, problems, strict=True) if a is not type(None)]
+        # `X | None`: keep what was wrong inside X (e.g. which item of a list).
+        arms = [p for a, p in zip(args, found, strict=True) if a is not type(None)]
         detail = arms[0].partition(" (item ")[2] if len(arms) == 1 else ""
         return "must be " + " or ".join(_describe(a) for a in args) + (f" (item {detail}" if detail else "")
     if hint is type(None):
@@ -97,9 +100,11 @@ def _problem(value: Any, hint: Any, nonfinite: bool) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else "must be True or False"
     if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an int"
+        return (
+            None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "must be an int"
+        )
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return "must be a number"
         if not nonfinite and not math.isfinite(value):
             return "must be a finite number"
@@ -116,8 +121,9 @@ def _problem(value: Any, hint: Any, nonfinite: bool) -> str | None:
 def _sequence_problem(
     value: Any, hint: Any, origin: Any, args: tuple[Any, ...], nonfinite: bool
 ) -> str | None:
-    kinds: tuple[type, ...] = {tuple: (tuple,), list: (list,)}.get(origin, (list, tuple))
-    if not isinstance(value, kinds):
+    # A list for a tuple field (or the other way round) is fine: what matters is that it is a sequence of the
+    # right items, not a string or a scalar.
+    if not isinstance(value, list | tuple):
         return f"must be {_describe(hint)}"
     seq = typing.cast(Sequence[Any], value)
     if not args:

@@ -3,10 +3,16 @@
 Pooling follows the AcT/LinEAS convention: a prompt is summarised by the mean of its real (non-padding) token
 activations (`t̄_l(x)` in the paper). `"last"` keeps the last real token; `"all"` keeps every real token.
 Results are fp32 on the CPU, whatever the model's dtype and device.
+
+Every pass gets position ids computed from the attention mask (as `generate` does), so models with absolute
+positions (GPT-2, GPT-NeoX, ...) see a left-padded prompt at the positions a right-padded one gets: recordings, and
+so fitted steerers, do not depend on the tokenizer's padding side.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -15,13 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsas.sites import Site, get_module, output_tensor
+from dsas.sites import Site, get_module, output_tensor, unwrap_model
+from dsas.torchutil import StopForward, model_device
 
 POOLS = ("mean", "last", "all")
-
-
-class _Done(Exception):
-    """Raised from the last site's hook to skip the rest of the forward pass (e.g. the LM head)."""
 
 
 @contextmanager
@@ -40,7 +43,7 @@ def capture(
         def hook(_m: nn.Module, _i: Any, out: Any) -> None:
             store[site.name] = output_tensor(out, site.index).detach()
             if stop_early and want <= store.keys():
-                raise _Done
+                raise StopForward
 
         return hook
 
@@ -55,7 +58,7 @@ def capture(
 
 def run_capturing(fn: Any, *args: Any, **kwargs: Any) -> None:
     """Call `fn` and swallow the early-stop signal raised by `capture(stop_early=True)`."""
-    with suppress(_Done):
+    with suppress(StopForward):
         fn(*args, **kwargs)
 
 
@@ -81,21 +84,74 @@ def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.T
     raise ValueError(f"pool={how!r} is not one of {POOLS}.")
 
 
-def model_device(model: nn.Module) -> torch.device:
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among the real tokens of its row (padding gets 0), as HF `generate` computes it.
+
+    With these, a prompt's real tokens sit at 0..n-1 whichever side it is padded on."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def accepts_position_ids(model: nn.Module) -> bool:
+    """Whether `model(...)` takes `position_ids` (asked of the model inside PEFT / torch.compile wrappers, which
+    pass keyword arguments through)."""
     try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+        params = inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position encoding covers, from its config (None if it names none)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    device: torch.device,
+    *,
+    position_ids: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Batch-tokenize with padding (the tokenizer's side) and truncation; adds a pad token if missing."""
+    """Batch-tokenize with padding (the tokenizer's side) and truncation; adds a pad token if missing.
+
+    The dict holds `input_ids`, `attention_mask` and (unless `position_ids=False`) `position_ids` from the mask,
+    so `model(**enc)` sees the same positions whichever side the tokenizer pads on. Truncation also stops at the
+    tokenizer's `model_max_length` when that is set to a real length."""
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**7:
+        max_length = min(max_length, limit)
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    if position_ids:
+        out["position_ids"] = position_ids_from_mask(out["attention_mask"])
+    return out
+
+
+def _fit_context(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, what: str) -> int:
+    """`max_length` capped at the model's context, warning when a prompt is cut to fit (instead of an index
+    error deep inside the position embedding)."""
+    ctx = context_length(model)
+    if ctx is None or ctx >= max_length:
+        return max_length
+    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > ctx]
+    if over:
+        warnings.warn(
+            f"{len(over)} prompt(s) for {what} are longer than the model's context of {ctx} tokens (e.g. prompt "
+            f"{over[0]}, {lengths[over[0]]} tokens); they are truncated to their first {ctx} tokens. Shorten them "
+            "to keep every token.",
+            stacklevel=3,
+        )
+    return ctx
 
 
 def check_finite(acts: dict[str, torch.Tensor], what: str) -> None:
@@ -129,12 +185,18 @@ def record(
         raise ValueError(f"pool={pool!r} is not one of {POOLS}.")
     if not texts:
         raise ValueError("No texts to record: pass at least one prompt.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
     dev = model_device(model)
+    max_length = _fit_context(model, tokenizer, texts, max_length, desc)
+    with_positions = accepts_position_ids(model)
     out: dict[str, list[Any]] = {s.name: [] for s in sites}
     batches = range(0, len(texts), batch_size)
     with capture(model, sites, stop_early=True) as store:
         for i in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            enc = tokenize(tokenizer, texts[i : i + batch_size], max_length, dev)
+            enc = tokenize(tokenizer, texts[i : i + batch_size], max_length, dev, position_ids=with_positions)
             store.clear()
             run_capturing(model, **enc)
             mask = enc["attention_mask"]

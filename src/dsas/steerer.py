@@ -82,10 +82,12 @@ class Steerer:
     def gate(self) -> str:
         return str(self.config.get("gate"))
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module, *, check_weights: bool = True) -> None:
+        """Refuse a model other than the one this steerer was fitted on (architecture, sizes, sites and, with
+        `check_weights`, a signature of a few weights: pass False for a fine-tuned variant of that model)."""
         actual = fingerprint(model, self.sites)
         actual["module_names"] = {n for n, _ in model.named_modules()}
-        check_fingerprint(self.fingerprint, actual)
+        check_fingerprint(self.fingerprint, actual, check_weights=check_weights)
 
     def apply(
         self,
@@ -94,6 +96,7 @@ class Steerer:
         *,
         trace: bool = False,
         expand: str = "interleave",
+        check_weights: bool = True,
     ) -> Applied:
         """Steer `model` inside the `with` block: z' = z + strength * g(z) * Δ(z) at every steered site.
 
@@ -101,16 +104,23 @@ class Steerer:
         trace:    record strength * g for every token at every steered site (yielded Trace.scales).
         expand:   how per-prompt strengths follow a batch that generate() enlarged: "interleave" (beams) or
                   "tile" (classifier-free guidance batches [uncond; cond]).
+        check_weights: compare the model's weight signature with the fitted model's (False: a fine-tuned
+                  variant of it).
         Training through a steered model: call backward inside the block (gradient checkpointing re-runs the
         forward during backward, which outside the block is unsteered).
         """
-        return Applied(self._apply(model, strength, trace, expand))
+        return Applied(self._apply(model, strength, trace, expand, check_weights))
 
     @contextmanager
     def _apply(
-        self, model: nn.Module, strength: float | Sequence[float] | torch.Tensor, trace: bool, expand: str
+        self,
+        model: nn.Module,
+        strength: float | Sequence[float] | torch.Tensor,
+        trace: bool,
+        expand: str,
+        check_weights: bool,
     ) -> Iterator[Trace]:
-        self.check_model(model)
+        self.check_model(model, check_weights=check_weights)
         on = set(self.steered)
         sites = [s for s in self.sites if s.name in on]
         if self.condition is not None:
@@ -167,8 +177,9 @@ class Steerer:
         return write_artifact(path, cfg, tensors)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | None = None) -> Steerer:
-        """Read a saved steerer; with `model`, check at once that it is the model it was fitted on."""
+    def load(cls, path: str | Path, model: nn.Module | None = None, *, check_weights: bool = True) -> Steerer:
+        """Read a saved steerer; with `model`, check at once that it is the model it was fitted on
+        (`check_weights=False` accepts a fine-tuned variant: same architecture and sizes, other weights)."""
         cfg, tensors = read_artifact(path)
         sites, maps, gates, steered, stats = [], {}, {}, [], {}
         for row in cfg["sites"]:
@@ -200,5 +211,5 @@ class Steerer:
             gates = {n: SiteGate("const", None, 0.0, gk.mult) for n, gk in gates.items()}
         st = cls(sites, maps, gates, steered, cfg["config"], cfg["fingerprint"], stats, condition)
         if model is not None:
-            st.check_model(model)
+            st.check_model(model, check_weights=check_weights)
         return st

@@ -19,7 +19,6 @@ coordinate's spread over the target prompts, so that one Adam step moves every c
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap, resample_sorted
 from dsas.options import check_fields
-from dsas.record import tokenize
+from dsas.record import accepts_position_ids, context_length, tokenize
 from dsas.rule import SiteParams, gate, rule
 from dsas.sites import Site, get_module, output_tensor, replace_output
 from dsas.steer import wrap_forward
@@ -369,15 +368,6 @@ class _Trainer:
         }
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether `model.forward` takes the keyword `name`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _spread(x: torch.Tensor) -> torch.Tensor:
     """Per-coordinate std of the rows of x, floored at 1e-3 of its mean so a constant coordinate is no division
     by zero: the unit in which shifts and gate weights are learned."""
@@ -427,7 +417,10 @@ def train_maps(
     tr = _Trainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
     targets = [torch.sort(target_means[s.name].to(dev, torch.float32), dim=0).values for s in sites]
     # Position ids from the mask make the loss independent of the padding side (absolute-position models).
-    pos = _accepts(model, "position_ids")
+    pos = accepts_position_ids(model)
+    ctx_len = context_length(model)
+    if ctx_len is not None:
+        max_length = min(max_length, ctx_len)
     src = _Batch(tokenizer, source, max_length, dev, chunk, pos)
     ctl = (
         _Batch(tokenizer, control, max_length, dev, chunk, pos) if gate_kind is not None and control else None

@@ -125,7 +125,7 @@ def _load(name_or_path: str | Path) -> PromptSets:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _read_jsonl(path.read_text(encoding="utf-8"), origin=str(path), name=path.stem)
+            return _read_jsonl(_read_text(path), origin=str(path), name=path.stem)
         if suffix == ".csv":
             return _read_csv(path)
         raise ValueError(
@@ -138,6 +138,17 @@ def _load(name_or_path: str | Path) -> PromptSets:
         "and no such file or directory exists. Pass a built-in name, or the path of a .jsonl file, a .csv "
         "file or a directory of source.txt / target.txt / control.txt."
     )
+
+
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; a file that is not UTF-8 fails with its name and position, not a bare codec error."""
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}). Save it as "
+            "UTF-8 (in a spreadsheet: 'CSV UTF-8')."
+        ) from err
 
 
 def _read_builtin(name: str) -> PromptSets:
@@ -176,18 +187,34 @@ def _read_jsonl(text: str, origin: str, name: str) -> PromptSets:
 
 def _read_csv(path: Path) -> PromptSets:
     # utf-8-sig: spreadsheets often write a byte-order mark that would otherwise glue itself to "split".
-    text = path.read_text(encoding="utf-8-sig")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = {c.strip().lower(): c for c in reader.fieldnames or [] if c is not None}
-    if "split" not in columns or "text" not in columns:
-        raise ValueError(
-            f"{path} needs a header row with 'split' and 'text' columns (found: {sorted(columns) or 'none'}). "
-            "Write e.g. 'split,text' as the first line."
-        )
-    rows = [
-        ((row.get(columns["split"]) or "").strip(), row.get(columns["text"]) or "", f"{path}, row {i}")
-        for i, row in enumerate(reader, start=2)
-    ]
+    text = _read_text(path, encoding="utf-8-sig")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        columns = {c.strip().lower(): i for i, c in enumerate(header)}
+        if "split" not in columns or "text" not in columns:
+            raise ValueError(
+                f"{path} needs a header row with 'split' and 'text' columns (found: {sorted(columns) or 'none'}). "
+                "Write e.g. 'split,text' as the first line."
+            )
+        si, ti = columns["split"], columns["text"]
+        rows = []
+        for cells in reader:
+            where = f"{path}, line {reader.line_num}"
+            if not any(c.strip() for c in cells):
+                continue
+            if len(cells) > len(header):
+                if ti != len(header) - 1:
+                    raise ValueError(
+                        f"{where} has {len(cells)} fields but the header has {len(header)}: a text holds a comma. "
+                        'Quote the text ("like, this"), or make text the last column.'
+                    )
+                # text is the last column: an unquoted comma belongs to the text.
+                cells = [*cells[:ti], ",".join(cells[ti:])]
+            cells += [""] * (len(header) - len(cells))  # a short row has empty trailing cells
+            rows.append((cells[si].strip(), cells[ti], where))
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({err}). Check its quotes.") from err
     return _assemble(rows, str(path), path.stem, {})
 
 
@@ -197,7 +224,7 @@ def _read_dir(path: Path) -> PromptSets:
         split = file.stem
         if split not in _FIT_SPLITS and not split.startswith(_EVAL_PREFIX):
             continue  # a README.txt or notes beside the sets is fine
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(file).splitlines()
         texts = [t for t in lines if t.strip()]
         if not texts:
             raise ValueError(f"{file} is empty. Put one prompt per line in it, or delete the file.")
@@ -205,7 +232,10 @@ def _read_dir(path: Path) -> PromptSets:
     meta: dict[str, Any] = {}
     meta_file = path / "meta.json"
     if meta_file.is_file():
-        loaded = json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(_read_text(meta_file))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_file} is not valid JSON ({err.msg}, line {err.lineno}).") from err
         if not isinstance(loaded, dict):
             raise ValueError(f'{meta_file} must hold a JSON object, e.g. {{"concept_word": "pear"}}.')
         meta = loaded

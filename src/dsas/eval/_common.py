@@ -8,14 +8,6 @@ from typing import Any
 import torch
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (inputs must live there)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def pad_id(tokenizer: Any) -> int:
     """Token id used for padding; falls back to EOS (then 0) because many causal-LM tokenizers have no pad token.
 
@@ -58,8 +50,12 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Log-probability of every token given its prefix, `[B, T-1]` (entry t scores token t+1), fp32.
 
-    One teacher-forced pass; right padding keeps real tokens at positions 0..n-1 so no position ids are needed."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    One teacher-forced pass with position ids from the mask, so real tokens sit at 0..n-1 on either padding side
+    (models with absolute positions would otherwise score a left-padded row at shifted positions)."""
+    from dsas.record import accepts_position_ids, position_ids_from_mask
+
+    extra = {"position_ids": position_ids_from_mask(mask)} if accepts_position_ids(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits[:, :-1].float()
     targets = input_ids[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return -nll

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsas.eval._common import model_device, pad_batch, pad_id
+from dsas.record import context_length
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
@@ -78,6 +79,13 @@ def generate_continuations(
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError(
             "a prompt encodes to zero tokens; give it some text or use a tokenizer that adds BOS"
+        )
+    ctx = context_length(model)
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+    if ctx is not None and len(encoded[longest]) + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt {longest} has {len(encoded[longest])} tokens; with max_new_tokens={max_new_tokens} that "
+            f"exceeds the model's context of {ctx} tokens. Shorten the prompt or lower max_new_tokens."
         )
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
