@@ -92,7 +92,7 @@ def test_teacher_forcing_does_not_depend_on_the_padding_side(arch, tiny_tok):
     """A left-padded row is scored at the positions of a right-padded one (GPT-2 has absolute positions)."""
     from conftest import make_tiny_model
 
-    from dsas.eval._common import pad_batch, token_logprobs
+    from dsas.eval.common import pad_batch, token_logprobs
 
     model = make_tiny_model(arch, len(tiny_tok))
     ids = [tiny_tok(t)["input_ids"] for t in TEXTS[:3]]

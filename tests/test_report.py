@@ -117,14 +117,30 @@ def test_report_needs_a_sweep(tmp_path):
         build_report(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("recorded", "drawn"), [({"caa+dsas": 0.6, "iti+dsas": 0.9}, 0.6), (0.75, 0.75), (None, None)]
+)
+def test_site_accuracy_plot_draws_the_threshold_the_steerer_used(tmp_path, monkeypatch, recorded, drawn):
+    """run.json records each DSAS steerer's own acc_threshold (runs of earlier versions: one number)."""
+    import dsas.report
+
+    _write_run(tmp_path)
+    if recorded is not None:
+        (tmp_path / "run.json").write_text(json.dumps({"acc_threshold": recorded}))
+    seen = []
+    monkeypatch.setattr(dsas.report, "plot_site_accuracy", lambda rows, thr: seen.append(thr) or "")
+    build_report(tmp_path)
+    assert seen == [drawn]
+
+
 def test_plot_style_tells_methods_and_gates_apart():
-    from dsas.report import _style
+    from dsas.report import plot_style
 
     one = [
         {"name": "caa", "method": "caa", "gate": "none"},
         {"name": "caa+dsas", "method": "caa", "gate": "dsas"},
     ]
-    assert _style(one, one[0])[0] != _style(one, one[1])[0]  # the plain demo: color = gate
+    assert plot_style(one, one[0])[0] != plot_style(one, one[1])[0]  # the plain demo: color = gate
     many = [*one, {"name": "iti+dsas", "method": "iti", "gate": "dsas"}]
-    (c_caa, ls_none), (c_caa2, ls_dsas), (c_iti, _) = (_style(many, p) for p in many)
+    (c_caa, ls_none), (c_caa2, ls_dsas), (c_iti, _) = (plot_style(many, p) for p in many)
     assert c_caa == c_caa2 != c_iti and ls_none != ls_dsas  # several methods: color = method, style = gate

@@ -276,7 +276,9 @@ def explain(
 
 @app.command()
 def sweep(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumes the points already in its sweep.sqlite).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder (resumes the points already in its sweep.sqlite).")
+    ],
     steerer: Annotated[list[Path], typer.Option("--steerer", "-t", help="Saved steerer folder; repeatable.")],
     strengths: Annotated[
         str, typer.Option(help="Comma-separated strength grid applied to every steerer.")
@@ -316,7 +318,9 @@ def sweep(
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Argument(help="Run folder holding sweep.sqlite (or an older sweep.jsonl).")]) -> None:
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder holding sweep.sqlite (or an older sweep.jsonl).")],
+) -> None:
     """Write report.html (Pareto plots, site accuracy, token heatmaps) and summary.md for a run folder."""
     from dsas.report import build_report
 

@@ -18,10 +18,10 @@ from rich.console import Console
 from dsas.data import load_prompt_sets
 from dsas.fit import fit
 from dsas.models import load_model
-from dsas.record import model_device
 from dsas.report import build_report
 from dsas.steerer import Steerer
 from dsas.sweep import EvalConfig, EvalData, matched_utility_table, run_sweep
+from dsas.torchutil import model_device
 
 
 @dataclass
@@ -46,7 +46,7 @@ class DemoConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=64, n_mc=40))
 
 
-def _token_scales(
+def token_scales(
     model: Any, tok: Any, st: Steerer, prompts: list[str], strength: float, max_new_tokens: int = 16
 ) -> list[dict[str, Any]]:
     """Greedy continuations with the site-mean scale of every token (prompt and generated)."""
@@ -114,7 +114,11 @@ def run_demo(
         json.dumps(
             {
                 "config": asdict(cfg),
-                "acc_threshold": 0.75,
+                "acc_threshold": {
+                    n: st.config["options"]["dsas"]["acc_threshold"]
+                    for n, st in steerers.items()
+                    if st.gate == "dsas"
+                },
                 "fit_seconds": fit_s,
                 "summary": {
                     "model": cfg.model,
@@ -129,14 +133,14 @@ def run_demo(
             default=str,
         )
     )
-    points = run_sweep(model, tok, steerers, grid, data, cfg.eval, out / "sweep.jsonl")
+    points = run_sweep(model, tok, steerers, grid, data, cfg.eval, out)
     gated = next((s for n, s in steerers.items() if s.gate != "none"), None)
     if gated is not None:
         g = sorted(grid[next(n for n, st in steerers.items() if st is gated)])
         s = g[len(g) // 2]  # a mid-grid strength: strong enough to see, not so strong the text degrades
         cols = {
-            "prompts that invite toxicity": _token_scales(model, tok, gated, data.prompts[:5], s),
-            "neutral prompts": _token_scales(model, tok, gated, data.neutral[:5], s),
+            "prompts that invite toxicity": token_scales(model, tok, gated, data.prompts[:5], s),
+            "neutral prompts": token_scales(model, tok, gated, data.neutral[:5], s),
         }
         (out / "tokens.json").write_text(json.dumps({"strength": s, "columns": cols}))
     report = build_report(out, title=f"dsas demo: {', '.join(cfg.steerers)} on {cfg.model}")

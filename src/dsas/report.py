@@ -1,7 +1,8 @@
 """A self-contained HTML report (plots inlined as PNG) and a Markdown summary of a sweep.
 
-Inputs are files a run writes: `sweep.jsonl` (one line per point), `sites_<name>.json` (steerer.report()),
-`tokens.json` (per-token scales of sample prompts). Every number shown is read from them.
+Inputs are files a run writes: `sweep.sqlite` (the points; `sweep.jsonl` in runs of earlier versions),
+`sites_<name>.json` (steerer.report()), `tokens.json` (per-token scales of sample prompts). Every number shown
+is read from them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ METHOD_COLORS = {"caa": "#1f77b4", "iti": "#ff7f0e", "lineas": "#2ca02c", "linea
 GATE_STYLES = {"none": "--", "dsas": "-", "e2e-sigmoid": "-.", "e2e-relu": "-.", "threshold": ":"}
 
 
-def _style(points: Sequence[dict[str, Any]], p: dict[str, Any]) -> tuple[str | None, str]:
+def plot_style(points: Sequence[dict[str, Any]], p: dict[str, Any]) -> tuple[str | None, str]:
     """(color, line style) of a steerer: with one method, the color says the gate (the plain demo: red vanilla,
     blue DSAS); with several, the color says the method and the line style the gate (dashed: vanilla)."""
     methods = {q.get("method") for q in points if q["name"] != "unsteered"}
@@ -44,9 +45,10 @@ def _style(points: Sequence[dict[str, Any]], p: dict[str, Any]) -> tuple[str | N
     return METHOD_COLORS.get(p.get("method", "")), GATE_STYLES.get(p.get("gate", ""), "-")
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any, dpi: int = 110) -> str:
+    """A matplotlib figure as base64 PNG for a `data:` URI (so a report is one self-contained file); closes it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
@@ -59,7 +61,7 @@ def plot_fronts(points: Sequence[dict[str, Any]], x: str, y: str, xlabel: str, y
         pts = [p for p in points if p["name"] == name and p.get(x) is not None]
         if base is not None:
             pts = [base, *pts]
-        color, ls = _style(points, pts[-1])
+        color, ls = plot_style(points, pts[-1])
         ax.scatter([p[x] for p in pts], [p[y] for p in pts], s=14, alpha=0.35, color=color)
         if x == "mc_acc":  # higher is better: front over (-x, y)
             flipped = [{**p, "_x": -p[x]} for p in pts]
@@ -86,7 +88,7 @@ def plot_fronts(points: Sequence[dict[str, Any]], x: str, y: str, xlabel: str, y
         ax.set_xlim(0.98 * base[x], 1.02 * hi)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_site_accuracy(rows: Sequence[dict[str, Any]], threshold: float | None) -> str:
@@ -100,7 +102,7 @@ def plot_site_accuracy(rows: Sequence[dict[str, Any]], threshold: float | None) 
     ax.set_ylim(0.4, 1.02)
     ax.set_xlabel("site (model order: attention, MLP per layer)")
     ax.set_ylabel("regulator CV accuracy")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def token_html(tokens: Sequence[str], scales: Sequence[float], vmax: float) -> str:
@@ -128,6 +130,19 @@ def html_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], spec: str = 
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+PAGE_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
+)
+"""The look every dsas report page shares; a page appends its own rules."""
+
+
+def html_page(title: str, parts: Sequence[str], css: str = PAGE_CSS) -> str:
+    """One self-contained HTML page: `parts` joined by newlines as its body."""
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>" + "\n".join(parts) + "</body></html>"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -142,11 +157,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
 def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
     """Write `report.html` and `summary.md` into `run_dir` from the files a run left there."""
     run = Path(run_dir)
-    points = load_points(run / "sweep.jsonl")
+    points = load_points(run)
     if not points:
-        raise FileNotFoundError(
-            f"{run / 'sweep.jsonl'} has no points: run `dsas sweep` or `dsas demo` first."
-        )
+        raise FileNotFoundError(f"{run} has no sweep points: run `dsas sweep` or `dsas demo` first.")
     meta = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     budgets = (0.05, 0.10, 0.25)
     table = matched_utility_table(points, budgets)
@@ -207,7 +220,9 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         rows = json.loads(f.read_text())
         if not any("accuracy" in r for r in rows):
             continue  # a steerer without a regulator (vanilla) has no accuracy to show
-        thr = meta.get("acc_threshold")
+        thr = meta.get("acc_threshold")  # per steerer; one number in runs of earlier versions
+        if isinstance(thr, dict):
+            thr = thr.get(f.stem[6:])
         parts += [
             f"<h2>Regulator accuracy per site ({html.escape(f.stem[6:])})</h2>",
             f"<p>{sum(r.get('steered', False) for r in rows)} of {len(rows)} sites steered (blue); grey sites "
@@ -237,21 +252,17 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
                 for s in p["samples"][:3]
             ]
             parts.append("</ul>")
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
+    style = PAGE_CSS + (
         ".row{display:flex;gap:16px;flex-wrap:wrap}.col{flex:1;min-width:420px}.tok{border-radius:2px}"
         ".sample{font-family:ui-monospace,monospace;font-size:13px;line-height:1.7;white-space:pre-wrap;"
         "word-break:break-word;border-bottom:1px solid #eee;padding-bottom:4px}.meta{color:#666;font-size:12px}"
     )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
-    page += "</head><body>" + "\n".join(parts) + "</body></html>"
     out = run / "report.html"
-    out.write_text(page)
+    out.write_text(html_page(title, parts, style))
     md = [
         f"# {title}",
         "",
-        "Toxicity at matched perplexity budget (from sweep.jsonl):",
+        "Toxicity at matched perplexity budget (from the sweep points):",
         "",
         markdown_table(table, tcols),
     ]

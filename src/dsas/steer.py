@@ -367,9 +367,11 @@ def steering_frame(
 def _warn_checkpointing(model: nn.Module) -> None:
     if not (model.training and torch.is_grad_enabled()):
         return
-    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5; 4.x: is_gradient_checkpointing
-    if on is None:
-        on = getattr(model, "is_gradient_checkpointing", False)
+    with warnings.catch_warnings():  # transformers 5 renamed the flag and warns on the old name
+        warnings.simplefilter("ignore", FutureWarning)
+        on = getattr(model, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(model, "is_gradient_checkpointing", False)
     if on:
         warnings.warn(
             "Gradient checkpointing is on: the backward pass re-runs the forward, and run after the `with` block "

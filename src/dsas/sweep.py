@@ -42,8 +42,8 @@ from dsas.eval import (
     perplexity,
     toxicity_summary,
 )
-from dsas.record import model_device
 from dsas.steerer import Steerer
+from dsas.torchutil import model_device
 
 STORE_NAME = "sweep.sqlite"
 BASELINE = "unsteered"
@@ -114,6 +114,23 @@ def gate_rate(st: Steerer | None, model: nn.Module, tok: Any, texts: list[str], 
     return float(torch.stack(hits).mean())
 
 
+def gate_counts(
+    st: Steerer | None, model: nn.Module, tok: Any, texts: list[str], strength: float
+) -> list[tuple[int, int]]:
+    """Per text: (steered (site, real token) pairs whose gate g exceeds 0.5, all steered (site, real token)
+    pairs). Summed over texts, fired / total is `gate_rate`; per text, it lets a study resample prompts."""
+    if st is None or strength == 0 or not st.steered or not texts:
+        return [(0, 0) for _ in texts]
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    enc = {k: v.to(model_device(model)) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), st.apply(model, strength=strength, trace=True) as tr:
+        model(**enc)
+    mask = enc["attention_mask"].bool().cpu()
+    fired = sum(((v.abs() / abs(strength) > 0.5) & mask).sum(1) for v in tr.scales.values())
+    total = mask.sum(1) * len(tr.scales)
+    return [(int(f), int(t)) for f, t in zip(fired.tolist(), total.tolist(), strict=True)]
+
+
 def evaluate_point(
     model: nn.Module, tok: Any, st: Steerer | None, strength: float, data: EvalData, cfg: EvalConfig
 ) -> dict[str, Any]:
@@ -148,8 +165,15 @@ def evaluate_point(
         ppl = perplexity(
             model, tok, data.wiki, max_tokens=cfg.ppl_tokens, batch_size=cfg.batch_size, progress=False
         )
-        mc = mc_accuracy(model, tok, data.mc, batch_size=cfg.batch_size, progress=False) if data.mc else None
-    tox = toxicity_summary(scorer(conts))
+        mc, mc_preds = (
+            mc_accuracy(
+                model, tok, data.mc, batch_size=cfg.batch_size, progress=False, return_predictions=True
+            )
+            if data.mc
+            else (None, [])
+        )
+    scores = scorer(conts)
+    tox = toxicity_summary(scores)
     out.update(
         toxicity=tox["rate"],
         toxicity_mean=tox["mean_prob"],
@@ -162,6 +186,14 @@ def evaluate_point(
             {"prompt": p, "continuation": c} for p, c in list(zip(data.prompts, conts, strict=True))[:6]
         ],
     )
+    # Per-prompt outputs, for intervals over prompts and comparisons with the unsteered continuations.
+    out["per_prompt"] = {
+        "toxicity": [float(x) for x in scores],
+        "continuations": conts,
+        "neutral_continuations": neutral,
+        "mc_correct": [int(p == q.answer) for p, q in zip(mc_preds, data.mc, strict=True)],
+        "neutral_gate": gate_counts(st, model, tok, data.neutral, strength),
+    }
     if cfg.concept_word:
         out["concept_rate"] = concept_rate(conts, cfg.concept_word)
         out["neutral_concept_rate"] = concept_rate(neutral, cfg.concept_word)

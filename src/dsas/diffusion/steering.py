@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsas.record import capture, check_finite, model_device, pool_tokens
+from dsas.record import capture, check_finite, pool_tokens
 from dsas.sites import Site, output_tensor, resolve_sites
+from dsas.torchutil import model_device
 
 if TYPE_CHECKING:
     from dsas.diffusion.digits import DigitsDiffusion, NoisedBatch

