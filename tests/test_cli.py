@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from dsas.cli import _parse_options, app
+from dsas.cli import parse_options, app
 from dsas.models import ModelUnavailableError
 
 
@@ -19,14 +19,14 @@ def test_help_lists_every_command():
 
 
 def test_option_parsing():
-    assert _parse_options(["pca_dim=5", "inactive=vanilla", "soft=true"]) == {
+    assert parse_options(["pca_dim=5", "inactive=vanilla", "soft=true"]) == {
         "pca_dim": 5,
         "inactive": "vanilla",
         "soft": True,
     }
     with pytest.raises(ValueError, match="key=value"):
-        _parse_options(["pca_dim"])
-    assert _parse_options(["dsas.C=2", "name=a=b"]) == {"dsas.C": 2, "name": "a=b"}
+        parse_options(["pca_dim"])
+    assert parse_options(["dsas.C=2", "name=a=b"]) == {"dsas.C": 2, "name": "a=b"}
 
 
 # ---- user errors: one line naming the flag and the fix, before any model is loaded ---------------------------
@@ -126,9 +126,9 @@ def test_rich_markup_in_messages_is_printed_verbatim(tmp_path, monkeypatch, caps
     monkeypatch.setattr(dsas, "load_model", fail)
     res = CliRunner().invoke(app, ["fit", "--out", str(tmp_path / "s")])
     _fails_cleanly(res, "strength [nan] is not finite; [bold]x[/]")
-    from dsas.cli import _print_sites
+    from dsas.cli import print_sites
 
-    _print_sites([{"site": "a[nan]", "steered": "[nan]", "accuracy": float("nan")}])
+    print_sites([{"site": "a[nan]", "steered": "[nan]", "accuracy": float("nan")}])
     out = capsys.readouterr().out
     assert "a[nan]" in out and "[nan]" in out.replace("a[nan]", "")
 
@@ -164,7 +164,7 @@ def test_sweep_arguments_are_checked_before_the_model_loads(
 
 
 def test_steerer_folders_are_checked_and_named_apart(tmp_path, monkeypatch, saved_steerer):
-    from dsas.cli import _steerer_names
+    from dsas.cli import steerer_names
 
     _no_model(monkeypatch)
     res = CliRunner().invoke(app, ["generate", "--steerer", str(tmp_path / "none"), "-p", "hi"])
@@ -173,9 +173,9 @@ def test_steerer_folders_are_checked_and_named_apart(tmp_path, monkeypatch, save
     res = CliRunner().invoke(app, ["explain", "--steerer", str(tmp_path / "empty"), "-p", "hi"])
     _fails_cleanly(res, f"--steerer {tmp_path / 'empty'}", "not a dsas steerer")
     a, b = tmp_path / "a" / "caa", tmp_path / "b" / "caa"
-    assert list(_steerer_names([a, b, tmp_path / "x"])) == ["a-caa", "b-caa", "x"]
+    assert list(steerer_names([a, b, tmp_path / "x"])) == ["a-caa", "b-caa", "x"]
     with pytest.raises(ValueError, match="given twice"):
-        _steerer_names([a, tmp_path / "a" / ".." / "a" / "caa"])
+        steerer_names([a, tmp_path / "a" / ".." / "a" / "caa"])
 
 
 def test_calibrate_texts_file_errors_name_the_file(tmp_path, monkeypatch, saved_steerer):

@@ -96,3 +96,23 @@ def test_config_validation():
             DSASConfig(**bad)
     with pytest.raises(ValueError, match="needs a weight"):
         SiteGate("sigmoid")
+
+
+def test_control_fpr_calibrates_the_midpoint_on_the_control_set():
+    """With control_fpr=p, a fraction p of control examples gets g > 0.5, whatever the regression's midpoint."""
+    gen = torch.Generator().manual_seed(0)
+    d = 8
+    src = torch.randn(60, d, generator=gen) + 0.8
+    ctl = torch.randn(200, d, generator=gen)
+    for p in (0.05, 0.2):
+        g = fit_regulator(src, ctl, DSASConfig(control_fpr=p)).gate
+        on = (g.value(ctl) > 0.5).float().mean().item()
+        assert abs(on - p) <= 1 / len(ctl)
+    plain = fit_regulator(src, ctl, DSASConfig()).gate
+    assert abs((plain.value(ctl) > 0.5).float().mean().item() - 0.2) > 0.05  # the option moved the midpoint
+    toks_src = [torch.randn(5, d, generator=gen) + 0.8 for _ in range(20)]
+    toks_ctl = [torch.randn(int(k), d, generator=gen) for k in torch.randint(2, 9, (40,), generator=gen)]
+    g = fit_regulator(toks_src, toks_ctl, DSASConfig(features="tokens", control_fpr=0.1)).gate
+    weights = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks_ctl])
+    on = ((g.value(torch.cat(toks_ctl)) > 0.5).float() * weights).sum() / weights.sum()
+    assert abs(float(on) - 0.1) < 0.05  # per-prompt weighted tokens

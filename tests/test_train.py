@@ -113,9 +113,9 @@ def test_early_stop_on_plateau(planted, tiny_tok, single_thread):
 
 
 def test_proximal_steps_follow_their_definition():
-    from dsas.train import _Trainer
+    from dsas.train import SiteTrainer
 
-    tr = _Trainer(
+    tr = SiteTrainer(
         nn.Identity(), [Site("x")], [3], torch.device("cpu"), None, True, [torch.tensor([1.0, 2.0, 4.0])]
     )
     tr.center[0] = torch.tensor([0.5, -1.0, 2.0])

@@ -156,7 +156,7 @@ def fit_cmd(
     """Fit a steerer on prompt sets and save it (dsas_config.json + dsas_steerer.safetensors)."""
     import dsas
 
-    opts = _parse_options(option or [])
+    opts = parse_options(option or [])
     _check_method_gate(method, gate, "--method/--gate", options=option or [], opts={"seed": seed, **opts})
     _check_sites(sites)
     _check_positive(n, "--n")
@@ -165,7 +165,7 @@ def fit_cmd(
     m, tok = _load_model(model)
     st = dsas.fit(m, tok, ps, method=method, gate=gate, sites=sites, seed=seed, **opts)
     st.save(out)
-    _print_sites(st.report())
+    print_sites(st.report())
     con.print(f"saved {len(st.steered)}/{len(st.sites)} steered sites to {escape(str(out))}")
 
 
@@ -181,12 +181,7 @@ def generate(
     """Generate with a saved steerer (greedy), next to the unsteered model."""
     from dsas.eval import generate_continuations
 
-    _check_finite(strength, "--strength")
-    _check_positive(max_new_tokens, "--max-new-tokens")
-    _check_prompts(prompt)
-    st = _load_steerer(steerer)
-    m, tok = _load_model(model)
-    st.check_model(m)
+    st, m, tok = _steer_setup(steerer, model, strength, max_new_tokens, prompt)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, progress=False)
     base = generate_continuations(m, tok, prompt, **kw) if compare else [None] * len(prompt)  # type: ignore[arg-type]
     with st.apply(m, strength=strength):
@@ -254,12 +249,7 @@ def explain(
     """Show how hard each token is steered: strength x gate, averaged over sites, as a colour."""
     from dsas.demo import token_scales
 
-    _check_finite(strength, "--strength")
-    _check_positive(max_new_tokens, "--max-new-tokens")
-    _check_prompts(prompt)
-    st = _load_steerer(steerer)
-    m, tok = _load_model(model)
-    st.check_model(m)
+    st, m, tok = _steer_setup(steerer, model, strength, max_new_tokens, prompt)
     for row in token_scales(m, tok, st, list(prompt), strength, max_new_tokens):
         vmax = max(row["scales"] or [1.0]) or 1.0
         text = Text()
@@ -296,7 +286,7 @@ def sweep(
     for value, flag in ((n_prompts, "--n-prompts"), (n_wiki, "--n-wiki"), (n_mc, "--n-mc")):
         _check_positive(value, flag)
     _check_out_dir(out, "--out")
-    names = _steerer_names(steerer)
+    names = steerer_names(steerer)
     sts = {name: _load_steerer(p) for name, p in names.items()}
     ps = _load_sets(sets)
     m, tok = _load_model(model)
@@ -327,7 +317,7 @@ def report(
     con.print(f"wrote {escape(str(build_report(run)))}")
 
 
-def _parse_options(items: list[str]) -> dict[str, Any]:
+def parse_options(items: list[str]) -> dict[str, Any]:
     """`--option key=value` pairs; a value is read as JSON (5, 0.5, true, "x", [1, 2]) or else kept as text."""
     opts: dict[str, Any] = {}
     for it in items:
@@ -451,6 +441,19 @@ def _load_model(name: str) -> tuple[Any, Any]:
         raise CLIError(f"--model {name!r}: {_one_line(e)}") from None
 
 
+def _steer_setup(
+    steerer: Path, model: str, strength: float, max_new_tokens: int, prompt: Sequence[str]
+) -> tuple[Any, Any, Any]:
+    """Check the flags of a generating command, then load the steerer and the model it must match."""
+    _check_finite(strength, "--strength")
+    _check_positive(max_new_tokens, "--max-new-tokens")
+    _check_prompts(prompt)
+    st = _load_steerer(steerer)
+    m, tok = _load_model(model)
+    st.check_model(m)
+    return st, m, tok
+
+
 def _load_steerer(path: Path) -> Any:
     import dsas
 
@@ -471,7 +474,7 @@ def _load_sets(sets: str, n: int | None = None, seed: int = 0) -> Any:
         raise CLIError(f"--sets {sets}: {_one_line(e)}") from None
 
 
-def _steerer_names(paths: Sequence[Path]) -> dict[str, Path]:
+def steerer_names(paths: Sequence[Path]) -> dict[str, Path]:
     """A distinct name per --steerer folder: its own name, or with as many parent folders as tell it apart
     (joined with "-": the name is also a file-name part, sites_<name>.json)."""
     resolved = [p.resolve() for p in paths]
@@ -493,7 +496,7 @@ def _steerer_names(paths: Sequence[Path]) -> dict[str, Path]:
     return names
 
 
-def _print_sites(rows: list[dict[str, object]]) -> None:
+def print_sites(rows: list[dict[str, object]]) -> None:
     tb = Table(title="sites")
     cols = [c for c in ("site", "steered", "accuracy", "shift_norm") if any(c in r for r in rows)]
     for c in cols:

@@ -237,16 +237,14 @@ def _site_hook(site: Site, p: SiteParams, dec: _Decision, state: SteerState) -> 
 @contextmanager
 def conditional_steering(
     model: nn.Module,
+    condition: Condition,
     sites: Sequence[Site],
     maps: dict[str, Any],
     gates: dict[str, Any],
-    condition: Condition,
-    strength: float | Sequence[float] | torch.Tensor = 1.0,
-    *,
-    trace: bool = False,
-    expand: str = "interleave",
+    **kw: Any,
 ) -> Iterator[Trace]:
-    """Steer the rows whose prompt passes the condition (see module docstring); wrappers removed on exit."""
+    """Steer the rows whose prompt passes the condition (see module docstring); wrappers removed on exit.
+    kw: `strength`, `trace`, `expand` as in `dsas.steer.steering`."""
     dec = _Decision(condition)
     cond = Site(condition.site)
 
@@ -255,7 +253,7 @@ def conditional_steering(
             dec.decide(output_tensor(out, cond.index).detach())
         return out
 
-    with steering_frame(model, strength, expand, trace) as (state, wrappers):
+    with steering_frame(model, **kw) as (state, wrappers):
 
         def begin(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             dec.begin(m, args, kwargs)

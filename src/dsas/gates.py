@@ -77,6 +77,10 @@ class DSASConfig:
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
+    control_fpr: float | None = None
+    """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
+    this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets
+    g > 0.5. None keeps the paper's midpoint; `offset` is added on top."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -94,6 +98,8 @@ class DSASConfig:
             raise ValueError("DSASConfig.acc_threshold must lie in [0.5, 1].")
         if self.temperature <= 0:
             raise ValueError("DSASConfig.temperature must be > 0.")
+        if self.control_fpr is not None and not 0 < self.control_fpr < 1:
+            raise ValueError("DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint).")
 
 
 @dataclass
@@ -166,6 +172,14 @@ def regulator_accuracy(
     return hits / weights
 
 
+def _upper_quantile(s: np.ndarray, w: np.ndarray | None, frac: float) -> float:
+    """The score that a weighted fraction `frac` of the scores `s` lie above."""
+    order = np.argsort(s)
+    ws = np.ones(len(s)) if w is None else w[order]
+    cum = np.cumsum(ws) / ws.sum()
+    return float(s[order][np.searchsorted(cum, 1 - frac)])
+
+
 def fold_pipeline(pipe: Pipeline) -> tuple[np.ndarray, float]:
     """Collapse PCA -> LR into (w, b) with LR(PCA(z)) logit = w . z + b (paper Eq. 6)."""
     pca, lr = pipe.named_steps["pca"], pipe.named_steps["lr"]
@@ -201,6 +215,8 @@ def fit_regulator(
         acc = regulator_accuracy(X, y, cfg, groups, w, seed)
         pipe = fit_pipeline(X, y, w, cfg.pca_dim, cfg.C)
     wv, b = fold_pipeline(pipe)
+    if cfg.control_fpr is not None:
+        b -= _upper_quantile(X[y == 0] @ wv + b, None if w is None else w[y == 0], cfg.control_fpr)
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
     active = acc >= cfg.acc_threshold
     mult = 1.0

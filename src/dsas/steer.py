@@ -314,7 +314,10 @@ def _generate_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 @contextmanager
 def steering_frame(
-    model: nn.Module, strength: float | Sequence[float] | torch.Tensor, expand: str, trace: bool
+    model: nn.Module,
+    strength: float | Sequence[float] | torch.Tensor = 1.0,
+    expand: str = "interleave",
+    trace: bool = False,
 ) -> Iterator[tuple[SteerState, list[Wrapped]]]:
     """The frame every steering block shares: refuses nesting and bad options, marks the model, follows
     `generate` (its prompt rows, and whether it still runs at exit), and removes every wrapper the block appends

@@ -125,7 +125,14 @@ class Steerer:
         sites = [s for s in self.sites if s.name in on]
         if self.condition is not None:
             with conditional_steering(
-                model, sites, self.maps, self.gates, self.condition, strength, trace=trace, expand=expand
+                model,
+                self.condition,
+                sites,
+                self.maps,
+                self.gates,
+                strength=strength,
+                trace=trace,
+                expand=expand,
             ) as tr:
                 yield tr
             return

@@ -202,7 +202,7 @@ class _Batch:
         self.tokens = float(sum(float(c.mask.sum()) for c in self.chunks))
 
 
-class _Trainer:
+class SiteTrainer:
     """Hooks that apply the current maps/gates with autograd and collect what the loss needs."""
 
     def __init__(
@@ -414,7 +414,7 @@ def train_maps(
         units = []
         for s in sites:
             units.append(_spread(target_means[s.name].float().to(dev)))
-    tr = _Trainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
+    tr = SiteTrainer(model, sites, dims, dev, gate_kind, cfg.pool_after, units)
     targets = [torch.sort(target_means[s.name].to(dev, torch.float32), dim=0).values for s in sites]
     # Position ids from the mask make the loss independent of the padding side (absolute-position models).
     pos = accepts_position_ids(model)
@@ -515,7 +515,7 @@ def train_maps(
     return TrainResult(maps, gates, track.history, track.best_step, len(track.history), stats, seconds)
 
 
-def _penalty(tr: _Trainer, cfg: LinEASConfig) -> float:
+def _penalty(tr: SiteTrainer, cfg: LinEASConfig) -> float:
     """The sparsity terms λ1 Σ||(δ, b)||_1 + λG Σ_l ||(δ_l, b_l)||_2 (handled by prox steps, reported here)."""
     if cfg.l1 == 0 and cfg.group == 0:
         return 0.0
@@ -537,7 +537,7 @@ class _Tracker:
     search evaluates several points per step) the same budget in the unit that costs time.
     """
 
-    def __init__(self, cfg: LinEASConfig, steps: int, tr: _Trainer, desc: str, progress: bool):
+    def __init__(self, cfg: LinEASConfig, steps: int, tr: SiteTrainer, desc: str, progress: bool):
         self.cfg, self.steps, self.tr, self.desc = cfg, steps, tr, desc
         self.history: list[float] = []
         self.best = math.inf
@@ -577,7 +577,7 @@ class _Tracker:
 
 @torch.no_grad()
 def _gate_means(
-    tr: _Trainer, snap: list[torch.Tensor], src: _Batch, ctl: _Batch | None
+    tr: SiteTrainer, snap: list[torch.Tensor], src: _Batch, ctl: _Batch | None
 ) -> dict[str, list[float]]:
     """Mean gate value per site over the real tokens of the source and control prompts, at `snap`."""
     current = tr.snapshot()
