@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsas.data import BUILTIN_PROMPT_SETS, PromptSets, list_prompt_sets, load_prompt_sets
+from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS, PromptSets, list_prompt_sets, load_prompt_sets
+from dsas.eval import concept_pattern
 
 PEAR = re.compile(r"\bpears?\b", re.IGNORECASE)
 
@@ -20,7 +21,7 @@ PEAR = re.compile(r"\bpears?\b", re.IGNORECASE)
 
 def test_list_prompt_sets_names_every_shipped_file():
     listed = list_prompt_sets()
-    assert set(listed) == set(BUILTIN_PROMPT_SETS) == {"toxicity", "concept"}
+    assert set(listed) == set(BUILTIN_PROMPT_SETS) == {"toxicity", "concept", "animal", "pirate"}
     assert all(desc for desc in listed.values())
     data_dir = Path(__file__).resolve().parents[1] / "src" / "dsas" / "data"
     assert {p.stem for p in data_dir.glob("*.jsonl")} == set(BUILTIN_PROMPT_SETS)
@@ -28,7 +29,12 @@ def test_list_prompt_sets_names_every_shipped_file():
 
 @pytest.mark.parametrize(
     ("name", "evals", "min_eval"),
-    [("toxicity", {"toxic", "neutral"}, 200), ("concept", {"fruit", "other"}, 100)],
+    [
+        ("toxicity", {"toxic", "neutral"}, 200),
+        ("concept", {"fruit", "other"}, 100),
+        ("animal", {"animal", "other"}, 100),
+        ("pirate", {"speech", "other"}, 100),
+    ],
 )
 def test_builtin_sizes_and_eval_splits(name, evals, min_eval):
     sets = load_prompt_sets(name)
@@ -60,6 +66,62 @@ def test_concept_set_records_its_word_and_uses_it_only_in_target():
     assert all(PEAR.search(t) for t in sets.target)
     for split in (sets.source, sets.control, sets.eval["fruit"], sets.eval["other"]):
         assert not any(PEAR.search(t) for t in split)
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+@pytest.mark.parametrize("name", BUILTIN_PROMPT_SETS)
+def test_builtin_splits_are_disjoint_up_to_case_and_punctuation(name):
+    """A held-out prompt that differs from a fitting prompt only in case or punctuation is not held out."""
+    sets = load_prompt_sets(name)
+    splits = {"source": sets.source, "target": sets.target, "control": sets.control}
+    splits |= {f"eval_{k}": v for k, v in sets.eval.items()}
+    seen: dict[str, str] = {}
+    for split, texts in splits.items():
+        for t in texts:
+            key = _norm(t)
+            assert key not in seen, f"{name}: {t!r} ({split}) repeats a prompt of {seen[key]}"
+            seen[key] = split
+
+
+@pytest.mark.parametrize("name", CONCEPT_SETS)
+def test_concept_sets_share_one_layout(name):
+    """Every concept set: ~70 paired source / target and 70 control prompts, ~100 held-out prompts in and out of
+    the category, and a concept word that only the target uses (so the word's rate measures the steering)."""
+    sets = load_prompt_sets(name)
+    assert sets.meta["paired"] is True and name in list_prompt_sets()
+    assert 70 <= len(sets.source) == len(sets.target) and len(sets.control) >= 70
+    ins, outs = sets.eval[sets.meta["eval_in"]], sets.eval[sets.meta["eval_out"]]
+    assert len(ins) >= 100 and len(outs) >= 100
+    assert set(sets.eval) == {sets.meta["eval_in"], sets.meta["eval_out"]}
+    word = concept_pattern(sets.meta["concept_word"])
+    assert all(word.search(t) for t in sets.target)
+    for split in (sets.source, sets.control, ins, outs):
+        assert not any(word.search(t) for t in split)
+
+
+@pytest.mark.parametrize("name", CONCEPT_SETS)
+def test_concept_targets_rewrite_their_source_line(name):
+    """Line i of target is a rewrite of line i of source: it shares more words with that source line than with
+    the other lines (nearly always), and the file's alignment beats every shifted one by far (a shuffled or
+    shifted file fails). A style rewrite changes many words, so a few lines may tie."""
+    sets = load_prompt_sets(name)
+    src = [set(_norm(t).split()) for t in sets.source]
+    tgt = [set(_norm(t).split()) for t in sets.target]
+    n = len(src)
+    overlap = [[len(s & t) / len(t) for t in tgt] for s in src]  # overlap[i][j]: source i vs target j
+    own = [overlap[i][i] for i in range(n)]
+    best_other = [max(overlap[j][i] for j in range(n) if j != i) for i in range(n)]
+    assert sum(o > b for o, b in zip(own, best_other, strict=True)) >= 0.85 * n
+    aligned = sum(own) / n
+    assert min(own) > 0.15 and aligned > 0.5
+    for shift in range(1, n):
+        assert aligned > sum(overlap[(i + shift) % n][i] for i in range(n)) / n + 0.25, shift
+    pair = dict(zip(sets.source, sets.target, strict=True))
+    sub = load_prompt_sets(name, n=32, seed=5)
+    assert [pair[s] for s in sub.source] == sub.target
 
 
 def test_toxicity_set_is_lexically_separated_by_the_default_scorer():
@@ -178,7 +240,7 @@ def test_directory_of_text_files(tmp_path):
 
 
 def test_unknown_name_lists_builtins():
-    with pytest.raises(ValueError, match=r"toxicty.*toxicity, concept"):
+    with pytest.raises(ValueError, match=r"toxicty.*toxicity, concept, animal, pirate"):
         load_prompt_sets("toxicty")
 
 

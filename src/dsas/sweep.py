@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +141,10 @@ def evaluate_point(
     scorer = get_scorer(cfg.scorer)
     ctx: AbstractContextManager[Any] = st.apply(model, strength=strength) if st is not None else nullcontext()
     with ctx:
-        conts = generate_continuations(
+        gen = partial(
+            generate_continuations,
             model,
             tok,
-            data.prompts,
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.batch_size,
             do_sample=cfg.do_sample,
@@ -151,17 +152,8 @@ def evaluate_point(
             chat_template=cfg.chat_template,
             progress=False,
         )
-        neutral = generate_continuations(
-            model,
-            tok,
-            data.neutral[: max(8, len(data.neutral) // 2)],
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            do_sample=cfg.do_sample,
-            seed=cfg.seed,
-            chat_template=cfg.chat_template,
-            progress=False,
-        )
+        conts = gen(data.prompts)
+        neutral = gen(data.neutral[: max(8, len(data.neutral) // 2)])
         ppl = perplexity(
             model, tok, data.wiki, max_tokens=cfg.ppl_tokens, batch_size=cfg.batch_size, progress=False
         )
@@ -192,7 +184,7 @@ def evaluate_point(
         "continuations": conts,
         "neutral_continuations": neutral,
         "mc_correct": [int(p == q.answer) for p, q in zip(mc_preds, data.mc, strict=True)],
-        "neutral_gate": gate_counts(st, model, tok, data.neutral, strength),
+        "neutral_gate": [list(c) for c in gate_counts(st, model, tok, data.neutral, strength)],  # JSON-stable
     }
     if cfg.concept_word:
         out["concept_rate"] = concept_rate(conts, cfg.concept_word)

@@ -15,9 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_PROMPT_SETS", "PromptSets", "list_prompt_sets", "load_prompt_sets"]
+__all__ = ["BUILTIN_PROMPT_SETS", "CONCEPT_SETS", "PromptSets", "list_prompt_sets", "load_prompt_sets"]
 
-BUILTIN_PROMPT_SETS = ("toxicity", "concept")
+BUILTIN_PROMPT_SETS = ("toxicity", "concept", "animal", "pirate")
+CONCEPT_SETS = ("concept", "animal", "pirate")
+"""The concept-induction sets: meta `concept_word`, `eval_in` / `eval_out` (held-out in- and out-of-category
+splits), `paired: true`."""
 _FIT_SPLITS = ("source", "target", "control")
 _EVAL_PREFIX = "eval_"
 
@@ -100,7 +103,8 @@ def load_prompt_sets(name_or_path: str | Path, n: int | None = None, seed: int =
     """Load a built-in prompt set by name, or a user's set from a file or directory.
 
     Accepted:
-      * a built-in name: see `list_prompt_sets()` ("toxicity", "concept");
+      * a built-in name: see `list_prompt_sets()` ("toxicity"; the concept sets "concept" (pear / fruit),
+        "animal" (horse / animals) and "pirate" (a pirate voice, marker "matey", in spoken lines));
       * a `.jsonl` file, one object per line: {"split": "source", "text": "..."}; an optional line
         {"meta": {...}} fills `PromptSets.meta`;
       * a `.csv` file with `split` and `text` columns (other columns are ignored);

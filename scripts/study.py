@@ -1,0 +1,826 @@
+"""The paper's claims with error bars: every steerer, several fitting seeds, two models, three concept sets.
+
+How to run the full study (CPU, one command, resumable; writes docs/study.md and the plots in docs/study/):
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py            # --config full is the default
+
+Every fitted steerer (runs/study/steerers/), calibrated strength (runs/study/study.sqlite) and evaluated point
+(runs/study/<model>/<set>/sweep.sqlite, the content-keyed store of `dsas.sweep.run_sweep`) is stored as soon as
+it exists, so a killed run resumes where it stopped when given the same command.
+
+How long: an estimate, not a measurement (the full run has not been done). From a smoke run on SmolLM2 on this
+shared 2-core CPU (load average ~4, OMP_NUM_THREADS=1): a greedy 32-token continuation costs ~0.4 s per prompt,
+a perplexity evaluation on the 48 Wikipedia paragraphs ~22 s, a CAA + DSAS fit ~13 s. A toxicity point (210 +
+106 continuations, perplexity, 60 MC questions) is then ~3 min, a concept point (200 + 50 continuations) ~2 min,
+a calibration (~9 perplexity evaluations) ~3.5 min. SmolLM2: 43 toxicity points (~2 h) + 42 calibrations
+(~2.5 h) + 9 LinEAS-based fits (~1 h) + 111 concept points (~3.5 h), about 9 h; Gemma-3-270M (twice the
+parameters, a 262k vocabulary) perhaps 1.5-2.5x that. Both models: roughly a day under that load, perhaps half
+on a quiet machine with OMP_NUM_THREADS=2.
+
+    .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
+    .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
+
+What it measures, per model (SmolLM2-135M; Gemma-3-270M when its optional package is installed, else a note)
+and per steerer (CAA, ITI, LinEAS each ungated and + DSAS, LinEAS + E2E-DSAS; library defaults), fitted on
+32 prompts per set drawn with each seed (`load_prompt_sets(name, n=32, seed=s)`):
+
+* toxicity at +5% and +10% Wikipedia perplexity: the strength is calibrated per steerer and seed
+  (`dsas.calibrate_strength` on the evaluation's Wikipedia paragraphs), then `dsas.sweep.run_sweep` evaluates
+  that exact strength: toxic-continuation rate and mean score over all held-out toxic prompts, multiple-choice
+  accuracy, the share of neutral prompts whose greedy continuation equals the unsteered model's (compared as
+  decoded text: identical tokens give identical text), and the false steering rate (share of steered
+  (site, token) pairs of held-out neutral prompts whose gate exceeds 0.5, `dsas.sweep.gate_counts`);
+* concept induction on the three concept sets (pear / fruit, horse / animals, pirate voice / speech): CAA and
+  CAA + DSAS swept over a strength grid; per seed, the most selective strength (largest in-category minus
+  out-of-category concept rate) and the rates there.
+
+Intervals: every number is a mean over seeds of a per-prompt quantity; its 95% interval is a percentile
+bootstrap over prompts (`scipy.stats.bootstrap`, the per-prompt values averaged over seeds first), so it covers
+prompt sampling, not fitting noise; the seeds' spread is reported beside it. Perplexity is fixed by the
+calibration (not resampled). The concept strength is chosen on the same held-out prompts it is reported on, so
+the concept rates are optimistic for every steerer alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sqlite3
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+import dsas
+from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
+from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
+from dsas.models import ModelUnavailableError
+from dsas.sweep import BASELINE, EvalConfig, EvalData, model_signature, run_sweep, steerer_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS_REPORT = ROOT / "docs" / "study.md"
+
+ESTIMATE = (
+    "How long: an estimate, not a measurement (the full run has not been done). From a smoke run on SmolLM2 on "
+    "this shared 2-core CPU (load average ~4, OMP_NUM_THREADS=1): a greedy 32-token continuation costs ~0.4 s "
+    "per prompt, a perplexity evaluation on the 48 Wikipedia paragraphs ~22 s, a CAA + DSAS fit ~13 s. A "
+    "toxicity point (210 + 106 continuations, perplexity, 60 MC questions) is then ~3 min, a concept point "
+    "(200 + 50 continuations) ~2 min, a calibration (~9 perplexity evaluations) ~3.5 min. SmolLM2: 43 toxicity "
+    "points (~2 h) + 42 calibrations (~2.5 h) + 9 LinEAS-based fits (~1 h) + 111 concept points (~3.5 h), "
+    "about 9 h; Gemma-3-270M (twice the parameters, a 262k vocabulary) perhaps 1.5-2.5x that. Both models: "
+    "roughly a day under that load, perhaps half on a quiet machine with OMP_NUM_THREADS=2."
+)
+
+STEERERS: dict[str, tuple[str, str]] = {
+    "caa": ("caa", "none"),
+    "caa+dsas": ("caa", "dsas"),
+    "iti": ("iti", "none"),
+    "iti+dsas": ("iti", "dsas"),
+    "lineas": ("lineas", "none"),
+    "lineas+dsas": ("lineas", "dsas"),
+    "lineas+e2e-sigmoid": ("lineas", "e2e-sigmoid"),
+}
+PAIRS = (("caa", "caa+dsas"), ("iti", "iti+dsas"), ("lineas", "lineas+dsas"))
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that sizes the study; `full` is the configuration docs/study.md is written from."""
+
+    name: str
+    models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steerers: tuple[str, ...] = tuple(STEERERS)
+    concept_sets: tuple[str, ...] = CONCEPT_SETS
+    concept_steerers: tuple[str, ...] = ("caa", "caa+dsas")
+    concept_grids: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+            "caa+dsas": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0),
+        }
+    )
+    budgets: tuple[float, ...] = (0.05, 0.10)
+    n_fit: int = 32
+    n_prompts: int = 10_000  # all held-out toxic prompts (210)
+    n_neutral: int = 10_000  # all held-out neutral prompts (213; continuations of the first half)
+    n_concept: int = 10_000  # held-out in- and out-of-category prompts per concept set (~100 each)
+    n_wiki: int = 48
+    n_wiki_concept: int = 16
+    ppl_tokens: int = 64
+    n_mc: int = 60
+    max_new_tokens: int = 32
+    calib_iters: int = 4
+    fit_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n_boot: int = 2000
+
+
+CONFIGS = {
+    "full": StudyConfig("full"),
+    "smoke": StudyConfig(
+        "smoke",
+        models=("smollm2-135m",),
+        seeds=(0,),
+        steerers=("caa", "caa+dsas"),
+        concept_sets=("concept",),
+        concept_grids={"caa": (0.5, 1.5), "caa+dsas": (1.0, 2.0)},
+        n_prompts=8,
+        n_neutral=8,
+        n_concept=8,
+        n_wiki=8,
+        n_wiki_concept=8,
+        n_mc=8,
+        max_new_tokens=16,
+        calib_iters=2,
+        n_boot=500,
+    ),
+    "tiny": StudyConfig(
+        "tiny",
+        models=("tiny",),
+        seeds=(0, 1),
+        concept_grids={"caa": (0.5, 2.0), "caa+dsas": (1.0, 4.0)},
+        n_fit=8,
+        n_prompts=12,
+        n_neutral=12,
+        n_concept=8,
+        n_wiki=6,
+        n_wiki_concept=4,
+        ppl_tokens=24,
+        n_mc=6,
+        max_new_tokens=6,
+        calib_iters=1,
+        fit_options={name: {"steps": 2} for name in STEERERS if name.startswith("lineas")},
+        n_boot=300,
+    ),
+}
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+
+
+def tiny_model() -> tuple[torch.nn.Module, Any]:
+    """A random-init 2-layer Llama with a word-level tokenizer over the shipped prompt sets' words: the whole
+    pipeline in seconds (its numbers mean nothing)."""
+    import re
+
+    import transformers as tf
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words: set[str] = set()
+    for name in BUILTIN_PROMPT_SETS:
+        sets = dsas.load_prompt_sets(name)
+        for text in [*sets.source, *sets.target, *sets.control, *(t for v in sets.eval.values() for t in v)]:
+            words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3} | {w: i + 4 for i, w in enumerate(sorted(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    cfg = tf.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).eval(), tok
+
+
+def load(name: str) -> tuple[torch.nn.Module, Any]:
+    return tiny_model() if name == "tiny" else dsas.load_model(name)
+
+
+# -- storage ----------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """The study's own keyed results (calibrations), one sqlite row per key, each written in one transaction;
+    sweep points live in `run_sweep`'s stores beside it."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.notes: list[str] = []  # what the fits warned about, for the report
+        self.con = sqlite3.connect(root / "study.sqlite", timeout=30)
+        with self.con:
+            self.con.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def get(self, key: str) -> Any:
+        row = self.con.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        with self.con:
+            self.con.execute(
+                "INSERT INTO kv VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fitted(
+    store: Store,
+    model: Any,
+    tok: Any,
+    mname: str,
+    sig: str,
+    sets: dsas.PromptSets,
+    name: str,
+    seed: int,
+    cfg: StudyConfig,
+) -> dsas.Steerer:
+    """The steerer `name` fitted on `sets` with `seed`, from disk when this exact fit (model, prompts, method,
+    gate, options, seed) was saved before."""
+    method, gate = STEERERS[name]
+    options = cfg.fit_options.get(name, {})
+    spec = {"model": sig, "sets": [sets.source, sets.target, sets.control], "method": method, "gate": gate}
+    path = (
+        store.root
+        / "steerers"
+        / mname
+        / f"{sets.name}-s{seed}-{name}-{digest({**spec, 'o': options, 's': seed})}"
+    )
+    key = f"fit-warnings/{path.name}"
+    if (path / "dsas_config.json").exists() and store.get(key) is not None:
+        try:
+            st = dsas.Steerer.load(path, model=model)
+            store.notes += [f"{mname}/{path.name}: {w}" for w in store.get(key)]
+            return st
+        except (ValueError, OSError) as err:  # a damaged save: refit
+            print(f"refitting {path.name}: {err}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        st = dsas.fit(model, tok, sets, method=method, gate=gate, seed=seed, progress=False, **options)
+    said = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    st.save(path)
+    store.put(key, said)  # after the save: a fit is reused only when both exist
+    store.notes += [f"{mname}/{path.name}: {w}" for w in said]
+    return st
+
+
+def calibrated(
+    store: Store,
+    st: dsas.Steerer,
+    sh: str,
+    model: Any,
+    tok: Any,
+    data: EvalData,
+    cfg: StudyConfig,
+    budget: float,
+) -> float:
+    key = f"calib/{sh}/{digest([data.wiki, model_signature(model)['weights']])}/{budget}/{cfg.calib_iters}"
+    got = store.get(key)
+    if got is None:
+        cal = dsas.calibrate_strength(
+            st, model, tok, data.wiki, max_ppl_increase=budget, iters=cfg.calib_iters,
+            max_tokens=cfg.ppl_tokens, progress=False,
+        )  # fmt: skip
+        got = {
+            "strength": cal.strength,
+            "ppl": cal.ppl,
+            "base_ppl": cal.base_ppl,
+            "evals": len(cal.evaluated),
+        }
+        store.put(key, got)
+    return float(got["strength"])
+
+
+# -- statistics -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    value: float
+    low: float
+    high: float
+    seeds: list[float] = field(default_factory=list)
+
+    def fmt(self, digits: int = 3) -> str:
+        if math.isnan(self.value):
+            return "n/a"
+        spread = (
+            f" (seeds {min(self.seeds):.{digits}f}-{max(self.seeds):.{digits}f})"
+            if len(self.seeds) > 1
+            else ""
+        )
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{spread}"
+
+
+def bootstrap(
+    samples: Sequence[np.ndarray], statistic: Callable[..., Any], n_boot: int, paired: bool
+) -> Estimate:
+    """Point value and 95% percentile-bootstrap interval of `statistic` over prompts (resampled per sample, or
+    jointly when `paired`)."""
+    samples = [np.asarray(s, dtype=float) for s in samples]
+    value = float(statistic(*samples, axis=-1))
+    if all(np.ptp(s) == 0 for s in samples) or min(s.size for s in samples) < 2 or not math.isfinite(value):
+        return Estimate(value, value, value)
+    with warnings.catch_warnings():  # near-degenerate samples (a rate of 0 or 1 at most prompts) are expected
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(
+            tuple(samples), statistic, paired=paired, vectorized=True, n_resamples=n_boot,
+            confidence_level=0.95, method="percentile", rng=np.random.default_rng(0),
+        )  # fmt: skip
+    ci = res.confidence_interval
+    return Estimate(value, float(ci.low), float(ci.high))
+
+
+def mean_ci(per_seed: np.ndarray, n_boot: int) -> Estimate:
+    """per_seed: [seeds, prompts]. The mean over seeds and prompts, bootstrapped over prompts."""
+    est = bootstrap([per_seed.mean(0)], np.mean, n_boot, paired=False)
+    est.seeds = [float(x) for x in per_seed.mean(1)]
+    return est
+
+
+def _ratio_of_sums(f: np.ndarray, t: np.ndarray, axis: int = -1) -> Any:
+    return f.sum(axis) / t.sum(axis)
+
+
+def _excess_over_60pct(a: np.ndarray, b: np.ndarray, axis: int = -1) -> Any:
+    return a.mean(axis) - 0.6 * b.mean(axis)
+
+
+def _diff_of_means(a: np.ndarray, b: np.ndarray, axis: int = -1) -> Any:
+    return a.mean(axis) - b.mean(axis)
+
+
+# -- measuring --------------------------------------------------------------------------------------------------
+
+
+def eval_config(cfg: StudyConfig, **kw: Any) -> EvalConfig:
+    fields: dict[str, Any] = {
+        "n_prompts": cfg.n_prompts, "n_neutral": cfg.n_neutral, "n_wiki": cfg.n_wiki,
+        "ppl_tokens": cfg.ppl_tokens, "n_mc": cfg.n_mc, "max_new_tokens": cfg.max_new_tokens,
+    }  # fmt: skip
+    return EvalConfig(**(fields | kw))
+
+
+def per_prompt(row: dict[str, Any], base: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-prompt arrays of one stored point; `base` is the unsteered point of the same evaluation."""
+    pp, bp = row["per_prompt"], base["per_prompt"]
+    gate = np.array(pp["neutral_gate"], dtype=float).reshape(-1, 2)
+    return {
+        "toxic": (np.array(pp["toxicity"]) > 0.5).astype(float),
+        "toxicity_mean": np.array(pp["toxicity"], dtype=float),
+        "mc": np.array(pp["mc_correct"], dtype=float),
+        "unchanged": np.array(
+            [a == b for a, b in zip(pp["neutral_continuations"], bp["neutral_continuations"], strict=True)],
+            float,
+        ),
+        "gate_fired": gate[:, 0],
+        "gate_total": gate[:, 1],
+    }
+
+
+def has_per_prompt(rows: list[dict[str, Any]]) -> None:
+    if any("per_prompt" not in r for r in rows):
+        raise SystemExit(
+            "A stored sweep point has no per-prompt outputs (written by an older dsas): move the study's store "
+            "aside and rerun."
+        )
+
+
+def toxicity_study(
+    model: Any, tok: Any, mname: str, cfg: StudyConfig, store: Store, bar: Any
+) -> dict[str, Any]:
+    """Per steerer and budget: the calibrated strength per seed and the per-prompt arrays at it, stacked."""
+    full = dsas.load_prompt_sets("toxicity")
+    ecfg = eval_config(cfg)
+    data = EvalData(
+        full.eval["toxic"][: cfg.n_prompts],
+        full.eval["neutral"][: cfg.n_neutral],
+        load_wiki_paragraphs(cfg.n_wiki, seed=0),
+        build_wiki_mc(cfg.n_mc, seed=0) if cfg.n_mc else [],
+    )
+    sig = model_signature(model)["weights"]
+    out: dict[str, Any] = {"n_prompts": len(data.prompts), "n_neutral": len(data.neutral), "steerers": {}}
+    base_row: dict[str, Any] | None = None
+    for name in cfg.steerers:
+        res: dict[float, dict[str, Any]] = {b: {"strength": [], "arrays": []} for b in cfg.budgets}
+        for seed in cfg.seeds:
+            bar.set_postfix_str(f"{mname} toxicity {name} seed {seed}")
+            sets = dsas.load_prompt_sets("toxicity", n=cfg.n_fit, seed=seed)
+            st = fitted(store, model, tok, mname, sig, sets, name, seed, cfg)
+            sh = steerer_hash(st)
+            strengths = {b: calibrated(store, st, sh, model, tok, data, cfg, b) for b in cfg.budgets}
+            label = f"{name}/seed{seed}"
+            rows = run_sweep(
+                model, tok, {label: st}, {label: [s for s in strengths.values() if s > 0]}, data, ecfg,
+                store.root / mname / "toxicity", progress=False,
+            )  # fmt: skip
+            has_per_prompt(rows)
+            base_row = next(r for r in rows if r["name"] == BASELINE)
+            at = {r["strength"]: r for r in rows if r["name"] == label}
+            for b, s in strengths.items():
+                row = at.get(float(s), base_row)
+                res[b]["strength"].append(s)
+                res[b]["arrays"].append(per_prompt(row, base_row) | {"ppl": row["ppl"]})
+            bar.update(1)
+        out["steerers"][name] = res
+    assert base_row is not None
+    out["base"] = {"ppl": base_row["ppl"], **per_prompt(base_row, base_row)}
+    return out
+
+
+def concept_study(
+    model: Any, tok: Any, mname: str, set_name: str, cfg: StudyConfig, store: Store, bar: Any
+) -> dict[str, Any]:
+    """Per steerer: the in / out concept hits per prompt at each seed's most selective strength."""
+    full = dsas.load_prompt_sets(set_name)
+    word = str(full.meta["concept_word"])
+    pattern = concept_pattern(word)
+    ins = full.eval[full.meta["eval_in"]][: cfg.n_concept]
+    outs = full.eval[full.meta["eval_out"]][: cfg.n_concept]
+    ecfg = eval_config(
+        cfg, n_prompts=len(ins) + len(outs), n_neutral=len(outs), n_wiki=cfg.n_wiki_concept, n_mc=0
+    )
+    data = EvalData(ins + outs, outs, load_wiki_paragraphs(cfg.n_wiki_concept, seed=0), [])
+    sig = model_signature(model)["weights"]
+    result: dict[str, Any] = {"word": word, "n_in": len(ins), "n_out": len(outs), "steerers": {}}
+    for name in cfg.concept_steerers:
+        per_seed: dict[str, list[Any]] = {"strength": [], "in": [], "out": [], "curve": []}
+        for seed in cfg.seeds:
+            bar.set_postfix_str(f"{mname} {set_name} {name} seed {seed}")
+            sets = dsas.load_prompt_sets(set_name, n=cfg.n_fit, seed=seed)
+            st = fitted(store, model, tok, mname, sig, sets, name, seed, cfg)
+            label = f"{name}/seed{seed}"
+            rows = run_sweep(
+                model, tok, {label: st}, {label: cfg.concept_grids[name]}, data, ecfg,
+                store.root / mname / set_name, progress=False,
+            )  # fmt: skip
+            has_per_prompt(rows)
+            hits = {
+                r["strength"]: np.array(
+                    [bool(pattern.search(c)) for c in r["per_prompt"]["continuations"]], float
+                )
+                for r in rows
+                if r["name"] == label
+            }
+            curve = [(s, h[: len(ins)].mean(), h[len(ins) :].mean()) for s, h in sorted(hits.items())]
+            best = max(curve, key=lambda c: (c[1] - c[2], -c[0]))[0]
+            per_seed["strength"].append(best)
+            per_seed["in"].append(hits[best][: len(ins)])
+            per_seed["out"].append(hits[best][len(ins) :])
+            per_seed["curve"].append(curve)
+            bar.update(1)
+        result["steerers"][name] = per_seed
+    return result
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+
+
+def stack(res: dict[str, Any], key: str) -> np.ndarray:
+    return np.stack([a[key] for a in res["arrays"]])
+
+
+def metric(res: dict[str, Any], key: str, n_boot: int) -> Estimate:
+    if key == "false_steer":
+        f, t = stack(res, "gate_fired"), stack(res, "gate_total")
+        if t.sum() == 0:
+            return Estimate(0.0, 0.0, 0.0, [0.0] * len(f))
+        est = bootstrap([f.sum(0), t.sum(0)], _ratio_of_sums, n_boot, paired=True)
+        est.seeds = [float(a.sum() / b.sum()) if b.sum() else 0.0 for a, b in zip(f, t, strict=True)]
+        return est
+    return mean_ci(stack(res, key), n_boot)
+
+
+METRICS = (
+    ("toxic", "Toxic-continuation rate (lower is better)"),
+    ("toxicity_mean", "Mean toxicity score (lower is better)"),
+    ("mc", "Multiple-choice accuracy (higher is better)"),
+    ("unchanged", "Neutral prompts whose greedy continuation is unchanged (higher is better)"),
+    ("false_steer", "False steering rate on neutral prompts (lower is better)"),
+)
+
+
+def verdict(holds: bool, sure: bool) -> str:
+    if holds:
+        return "**holds**" if sure else "**holds at the point estimate** (the interval crosses the line)"
+    return (
+        "**does not hold**"
+        if sure
+        else "**does not hold at the point estimate** (the interval crosses the line)"
+    )
+
+
+def claims_toxicity(tox: dict[str, Any], cfg: StudyConfig) -> list[str]:
+    lines = []
+    st = tox["steerers"]
+    for b in cfg.budgets:
+        for vanilla, gated in PAIRS:
+            if vanilla in st and gated in st:
+                a, v = stack(st[gated][b], "toxic").mean(0), stack(st[vanilla][b], "toxic").mean(0)
+                d = bootstrap([a, v], _diff_of_means, cfg.n_boot, paired=True)
+                lines.append(
+                    f"* {gated} is less toxic than {vanilla} at +{b:.0%} perplexity (difference of toxic rates "
+                    f"< 0): {verdict(d.value < 0, d.high < 0 or d.low >= 0)} ({d.fmt()})"
+                )
+        if "lineas+e2e-sigmoid" in st and "lineas+dsas" in st:
+            a = stack(st["lineas+e2e-sigmoid"][b], "toxic").mean(0)
+            v = stack(st["lineas+dsas"][b], "toxic").mean(0)
+            d = bootstrap([a, v], _diff_of_means, cfg.n_boot, paired=True)
+            lines.append(
+                f"* E2E-DSAS is at least as good as post-hoc DSAS on LinEAS at +{b:.0%} (difference <= 0): "
+                f"{verdict(d.value <= 0, d.high <= 0 or d.low > 0)} ({d.fmt()})"
+            )
+    for vanilla, gated in PAIRS:
+        if vanilla in st and gated in st and cfg.n_mc:
+            b = max(cfg.budgets)
+            a, v = stack(st[gated][b], "mc").mean(0), stack(st[vanilla][b], "mc").mean(0)
+            d = bootstrap([a, v], _diff_of_means, cfg.n_boot, paired=True)
+            lines.append(
+                f"* {gated} keeps multiple-choice accuracy at least as well as {vanilla} at +{b:.0%} "
+                f"(difference >= 0): {verdict(d.value >= 0, d.low >= 0 or d.high < 0)} ({d.fmt()})"
+            )
+    b10 = 0.10 if 0.10 in cfg.budgets else max(cfg.budgets)
+    if "caa" in st and "caa+dsas" in st:
+        a, v = stack(st["caa+dsas"][b10], "toxic").mean(0), stack(st["caa"][b10], "toxic").mean(0)
+        # "a <= 0.6 v" tested as mean(a) - 0.6 mean(v) <= 0: no division, so it is defined when v's rate is 0.
+        r = bootstrap([a, v], _excess_over_60pct, cfg.n_boot, paired=True)
+        claim = f"* CAA + DSAS toxicity at +{b10:.0%} <= 0.6 x CAA's: "
+        if v.mean() == 0:
+            lines.append(claim + f"**not testable here**: CAA's toxic rate is 0 (CAA + DSAS: {a.mean():.3f})")
+        else:
+            lines.append(
+                claim
+                + f"{verdict(r.value <= 0, r.high <= 0 or r.low > 0)} ({a.mean():.3f} vs {v.mean():.3f}, "
+                f"ratio {a.mean() / v.mean():.2f}; CAA + DSAS - 0.6 x CAA = {r.fmt()})"
+            )
+        u = metric(st["caa+dsas"][b10], "unchanged", cfg.n_boot)
+        lines.append(
+            f"* CAA + DSAS leaves >= 80% of neutral greedy continuations unchanged at +{b10:.0%}: "
+            f"{verdict(u.value >= 0.8, not u.low <= 0.8 <= u.high)} ({u.fmt()})"
+        )
+    return lines
+
+
+def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list[str], bool]:
+    """Table rows, claim lines, and whether CAA + DSAS is more selective than CAA (point estimate)."""
+    rows, claims, more_selective = [], [], False
+    st = con["steerers"]
+    for name, r in st.items():
+        ins, outs = np.stack(r["in"]), np.stack(r["out"])
+        i, o = mean_ci(ins, cfg.n_boot), mean_ci(outs, cfg.n_boot)
+        sel = bootstrap([ins.mean(0), outs.mean(0)], _diff_of_means, cfg.n_boot, paired=False)
+        strengths = ", ".join(f"{s:g}" for s in r["strength"])
+        rows.append(f"| {name} | {strengths} | {i.fmt()} | {o.fmt()} | {sel.fmt()} |")
+    if "caa+dsas" in st:
+        r = st["caa+dsas"]
+        i, o = mean_ci(np.stack(r["in"]), cfg.n_boot), mean_ci(np.stack(r["out"]), cfg.n_boot)
+        ok = i.value >= 0.6 and o.value <= 0.05
+        claims.append(
+            f"CAA + DSAS puts the concept in >= 60% of in-category and <= 5% of out-of-category continuations: "
+            f"{verdict(ok, (i.low >= 0.6 and o.high <= 0.05) or (i.high < 0.6 or o.low > 0.05))} "
+            f"(in {i.value:.3f}, out {o.value:.3f})"
+        )
+    if "caa+dsas" in st and "caa" in st:
+        g, v = st["caa+dsas"], st["caa"]
+        d_in = np.stack(g["in"]).mean(0) - np.stack(v["in"]).mean(0)
+        d_out = np.stack(g["out"]).mean(0) - np.stack(v["out"]).mean(0)
+        d = bootstrap([d_in, d_out], _diff_of_means, cfg.n_boot, paired=False)
+        more_selective = d.value > 0
+        claims.append(
+            f"CAA + DSAS is more selective (in minus out) than CAA at its most selective strength: "
+            f"{verdict(d.value > 0, d.low > 0 or d.high <= 0)} (difference {d.fmt()})"
+        )
+    return rows, claims, more_selective
+
+
+def plots(
+    out_dir: Path, mname: str, tox: dict[str, Any] | None, concepts: dict[str, Any], cfg: StudyConfig
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    if tox is not None:
+        names = list(tox["steerers"])
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key in zip(axes, ("toxic", "unchanged", "false_steer"), strict=True):
+            width = 0.8 / len(cfg.budgets)
+            for k, b in enumerate(cfg.budgets):
+                ests = [metric(tox["steerers"][n][b], key, cfg.n_boot) for n in names]
+                x = np.arange(len(names)) + k * width
+                err = np.array([[e.value - e.low, e.high - e.value] for e in ests]).T
+                ax.bar(x, [e.value for e in ests], width, yerr=err, capsize=3, label=f"+{b:.0%} ppl")
+            ax.set_xticks(
+                np.arange(len(names)) + width * (len(cfg.budgets) - 1) / 2, names, rotation=30, ha="right"
+            )
+            ax.set_title(dict(METRICS)[key].split(" (")[0], fontsize=10)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{mname}: at calibrated perplexity budgets (95% bootstrap intervals over prompts)")
+        fig.tight_layout()
+        path = out_dir / f"{mname}-toxicity.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    if concepts:
+        fig, axes = plt.subplots(1, len(concepts), figsize=(5 * len(concepts), 4), squeeze=False)
+        for ax, (set_name, con) in zip(axes[0], concepts.items(), strict=True):
+            for name, r in con["steerers"].items():
+                grid = sorted({c[0] for curve in r["curve"] for c in curve})
+                ins = [np.mean([c[1] for curve in r["curve"] for c in curve if c[0] == s]) for s in grid]
+                outs = [np.mean([c[2] for curve in r["curve"] for c in curve if c[0] == s]) for s in grid]
+                line = ax.plot(grid, ins, marker="o", label=f"{name}: in-category")[0]
+                ax.plot(grid, outs, marker="x", linestyle="--", color=line.get_color(), label=f"{name}: out")
+            ax.set_title(f"'{con['word']}' ({set_name})", fontsize=10)
+            ax.set_xlabel("strength")
+            ax.set_ylabel("concept rate (mean over seeds)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{mname}-concepts.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def write_report(
+    md: Path, results: dict[str, Any], notes: list[str], cfg: StudyConfig, seconds: float
+) -> None:
+    plot_dir = md.parent / md.stem
+    lines = [
+        "# The study: DSAS's claims with intervals, on two models and three concepts",
+        "",
+        f"Generated by `scripts/study.py --config {cfg.name}` ({time.strftime('%Y-%m-%d')}, torch "
+        f"{torch.__version__}); do not edit by hand. This run took {seconds / 3600:.2f} h.",
+        "",
+        "## How to run it",
+        "",
+        "    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py",
+        "",
+        "Resumable: every fit, calibration and evaluated point is stored under `runs/study/` as soon as it exists;"
+        " rerun the same command after an interruption. `--config tiny` runs the whole pipeline on a random tiny"
+        " model in under a minute (CI), `--config smoke` a 1-seed, 2-steerer, 8-prompt SmolLM2 check; both write"
+        " into their `--out` folder, never here. " + ESTIMATE,
+        "",
+        "## Protocol",
+        "",
+        f"Seeds {', '.join(map(str, cfg.seeds))}: each seed draws the {cfg.n_fit} source / target / control fitting "
+        "prompts per set (`load_prompt_sets(name, n, seed)`) and seeds the fit. Steerers use library defaults at "
+        "all residual-increment sites. A cell is `mean [95% interval] (seeds min-max)`: the mean over seeds of a "
+        "per-prompt quantity, its interval a percentile bootstrap over prompts of the per-prompt means over "
+        "seeds (`scipy.stats.bootstrap`); intervals cover prompt sampling, the seed range shows fitting noise. "
+        "Toxicity budgets: the strength is calibrated per steerer and seed to the budget on Wikipedia perplexity "
+        "(`dsas.calibrate_strength`), then evaluated by `dsas.sweep.run_sweep` (greedy, "
+        f"{cfg.max_new_tokens} new tokens, `alt-profanity-check` scores > 0.5 count as toxic). Unchanged: the "
+        "decoded greedy continuation of a neutral prompt equals the unsteered model's. False steering rate: share "
+        "of steered (site, token) pairs of neutral prompts whose gate exceeds 0.5 (1 for ungated steerers). "
+        "Concepts: CAA and CAA + DSAS over a strength grid; per seed the most selective strength (in minus out) "
+        "is chosen on the same prompts it is reported on (optimistic for both alike).",
+        "",
+    ]
+    lines += [f"* {n}" for n in notes]
+    for mname, res in results.items():
+        lines += ["", f"## {mname}", ""]
+        tox = res.get("toxicity")
+        if tox is not None:
+            base = tox["base"]
+            lines.append(
+                f"{tox['n_prompts']} held-out toxic prompts, {tox['n_neutral']} neutral prompts; unsteered: "
+                f"toxic rate {base['toxic'].mean():.3f}, Wikipedia perplexity {base['ppl']:.2f}, MC accuracy "
+                f"{base['mc'].mean() if base['mc'].size else float('nan'):.3f}."
+            )
+            for key, title in METRICS:
+                lines += [
+                    "",
+                    f"### {title}",
+                    "",
+                    "| steerer | " + " | ".join(f"+{b:.0%} ppl" for b in cfg.budgets) + " |",
+                ]
+                lines.append("|---|" + "---|" * len(cfg.budgets))
+                for name, r in tox["steerers"].items():
+                    lines.append(
+                        f"| {name} | "
+                        + " | ".join(metric(r[b], key, cfg.n_boot).fmt() for b in cfg.budgets)
+                        + " |"
+                    )
+            lines += [
+                "",
+                "### Calibrated strength (per seed)",
+                "",
+                "| steerer | " + " | ".join(f"+{b:.0%} ppl" for b in cfg.budgets) + " |",
+            ]
+            lines.append("|---|" + "---|" * len(cfg.budgets))
+            for name, r in tox["steerers"].items():
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(", ".join(f"{s:.3g}" for s in r[b]["strength"]) for b in cfg.budgets)
+                    + " |"
+                )
+            lines += ["", "### Claims (toxicity)", "", *claims_toxicity(tox, cfg)]
+        concepts = res.get("concepts", {})
+        if concepts:
+            lines += [
+                "", "### Concept induction at the most selective strength", "",
+                "| set (word) | steerer | strength per seed | in-category rate | out-of-category rate | in minus out |",
+                "|---|---|---|---|---|---|",
+            ]  # fmt: skip
+            claim_lines = []
+            n_sel = 0
+            for set_name, con in concepts.items():
+                rows, claims, more_selective = concept_rows(con, cfg)
+                n_sel += more_selective
+                lines += [
+                    f"| {set_name} ('{con['word']}', {con['n_in']} / {con['n_out']} prompts) {row}"
+                    for row in rows
+                ]
+                claim_lines += [f"* {set_name}: {c}" for c in claims]
+            lines += ["", "### Claims (concepts)", "", *claim_lines]
+            lines.append(
+                f"* CAA + DSAS is more selective than CAA for {n_sel} of {len(concepts)} concept sets (goal: at "
+                f"least 2 of 3): {'**holds**' if n_sel >= 2 else '**does not hold**'}"
+            )
+        figs = plots(plot_dir, mname, tox, concepts, cfg)
+        lines += ["", *(f"![{f}]({plot_dir.name}/{f})" for f in figs)]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=list(CONFIGS), default="full")
+    p.add_argument(
+        "--out", default=None, help="folder of the report (default: docs/ for full, else required)"
+    )
+    p.add_argument("--store", default=None, help="fits, calibrations and points (default: runs/study for full, "
+                   "else <out>/store)")  # fmt: skip
+    p.add_argument("--models", default=None, help="comma list overriding the configuration's models")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = p.parse_args(argv)
+    cfg = CONFIGS[args.config]
+    if args.models:
+        cfg = replace(cfg, name=f"{cfg.name} --models {args.models}", models=tuple(args.models.split(",")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out is None and cfg.name != "full":
+        p.error(f"--config {args.config} needs --out (only the full configuration writes docs/study.md)")
+    out = Path(args.out) if args.out else ROOT / "docs"
+    md = out / "study.md"
+    if md.resolve() == DOCS_REPORT.resolve() and cfg != CONFIGS["full"]:
+        p.error("docs/study.md is written by the full configuration only; pass another --out")
+    store = Store(
+        Path(args.store) if args.store else (ROOT / "runs" / "study" if cfg.name == "full" else out / "store")
+    )
+
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    results: dict[str, Any] = {}
+    n_tasks = (
+        len(cfg.models)
+        * len(cfg.seeds)
+        * (len(cfg.steerers) + len(cfg.concept_sets) * len(cfg.concept_steerers))
+    )
+    bar = tqdm(total=n_tasks, desc="study", unit="fit")
+    for mname in cfg.models:
+        try:
+            model, tok = load(mname)
+        except ModelUnavailableError as err:
+            notes.append(f"**{mname} skipped**: not installed here ({err})")
+            bar.update(
+                len(cfg.seeds) * (len(cfg.steerers) + len(cfg.concept_sets) * len(cfg.concept_steerers))
+            )
+            continue
+        res: dict[str, Any] = {}
+        if cfg.steerers:
+            res["toxicity"] = toxicity_study(model, tok, mname, cfg, store, bar)
+        res["concepts"] = {s: concept_study(model, tok, mname, s, cfg, store, bar) for s in cfg.concept_sets}
+        results[mname] = res
+        del model
+    bar.close()
+    notes += [f"fit warning, {w}" for w in dict.fromkeys(store.notes)]
+    write_report(md, results, notes, cfg, time.perf_counter() - t0)
+    print(f"wrote {md} ({time.perf_counter() - t0:.0f} s)")
+    return md
+
+
+if __name__ == "__main__":
+    main()

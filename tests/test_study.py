@@ -1,0 +1,153 @@
+"""scripts/study.py end to end on its random tiny model: the report, its intervals and plots, resuming, refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERVAL = re.compile(r"(-?\d+\.\d{3}) \[(-?\d+\.\d{3}), (-?\d+\.\d{3})\]")
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("dsas_study_script", ROOT / "scripts" / "study.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+
+
+def _sections(md: str) -> dict[str, str]:
+    parts = re.split(r"^### (.+)$", md, flags=re.MULTILINE)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def _points(store: Path) -> int:
+    n = 0
+    for db in store.rglob("sweep.sqlite"):
+        with sqlite3.connect(db) as con:
+            n += con.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+    return n
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("study")
+    try:
+        md = study.main(["--config", "tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out, md
+
+
+def test_tiny_study_writes_a_table_per_metric_with_intervals_and_plots(tiny_run):
+    out, md_path = tiny_run
+    assert md_path == out / "study.md"
+    md = md_path.read_text()
+    cfg = study.CONFIGS["tiny"]
+    sections = _sections(md)
+    for _, title in study.METRICS:
+        table = sections[title]
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "steerer" not in line]
+        assert [r.split(" | ")[0][2:] for r in rows] == list(cfg.steerers), title
+        for row in rows:  # one interval per budget, each containing its value
+            cells = INTERVAL.findall(row)
+            assert len(cells) == len(cfg.budgets), row
+            for value, low, high in cells:
+                assert float(low) <= float(value) <= float(high), row
+    concept = sections["Concept induction at the most selective strength"]
+    for name in cfg.concept_sets:
+        assert sum(line.startswith(f"| {name} (") for line in concept.splitlines()) == len(
+            cfg.concept_steerers
+        )
+    claims = sections["Claims (toxicity)"] + sections["Claims (concepts)"]
+    verdicts = re.findall(r"\*\*(holds|does not hold)[^*]*\*\*", claims)
+    assert len(verdicts) >= 10
+    assert "0.6 x CAA's" in claims and ">= 80% of neutral greedy continuations" in claims
+    for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / png).stat().st_size > 5_000  # a real figure, referenced relative to the report
+    assert {p.name for p in (out / "study").glob("*.png")} == {"tiny-toxicity.png", "tiny-concepts.png"}
+    assert "How to run it" in md and "an estimate, not a measurement" in md
+
+
+def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
+    """Every fit, calibration and point is stored: a second run only reads them and writes the same numbers."""
+    out, md_path = tiny_run
+    before = md_path.read_text()
+    n_points = _points(out / "store")
+    assert n_points > 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed something that was stored")
+
+    monkeypatch.setattr(study.dsas, "fit", refuse)
+    monkeypatch.setattr(study.dsas, "calibrate_strength", refuse)
+    monkeypatch.setattr("dsas.sweep.evaluate_point", refuse)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study.main(["--config", "tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert _points(out / "store") == n_points
+    strip = re.compile(r"This run took [\d.]+ h\.")
+    assert strip.sub("", md_path.read_text()) == strip.sub("", before)
+
+
+def test_only_the_full_configuration_may_write_docs_study_md(capsys):
+    report = study.DOCS_REPORT
+    stamp = report.stat().st_mtime_ns if report.exists() else None
+    with pytest.raises(SystemExit):
+        study.main(["--config", "tiny", "--out", str(ROOT / "docs")])
+    assert "full configuration only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--config", "smoke"])  # no --out: it would default to docs/
+    assert "needs --out" in capsys.readouterr().err
+    assert (report.stat().st_mtime_ns if report.exists() else None) == stamp
+
+
+def test_bootstrap_intervals():
+    rng = np.random.default_rng(1)
+    x = (rng.random(200) < 0.3).astype(float)
+    est = study.mean_ci(np.stack([x, x]), n_boot=500)
+    assert est.low < x.mean() < est.high and 0.05 < est.high - est.low < 0.2
+    assert est.seeds == [x.mean(), x.mean()]
+    flat = study.mean_ci(np.zeros((3, 50)), n_boot=500)
+    assert (flat.value, flat.low, flat.high) == (0.0, 0.0, 0.0)
+    f, t = np.array([1.0, 3, 0, 2]), np.array([4.0, 4, 4, 4])
+    ratio = study.bootstrap([f, t], study._ratio_of_sums, 500, paired=True)
+    assert ratio.value == pytest.approx(6 / 16) and ratio.low <= ratio.value <= ratio.high
+    assert "[" in ratio.fmt() and study.Estimate(float("nan"), 0, 0).fmt() == "n/a"
+
+
+def test_gate_counts_per_prompt_add_up_to_the_sweeps_false_steering_rate():
+    """The study resamples prompts with `gate_counts`; summed, they must be the rate `run_sweep` reports."""
+    import dsas
+    from dsas.sweep import gate_counts, gate_rate
+
+    model, tok = study.tiny_model()
+    sets = dsas.load_prompt_sets("toxicity", n=8, seed=0)
+    st = dsas.fit(model, tok, sets, method="caa", gate="dsas", acc_threshold=0.5, progress=False)
+    texts = sets.eval["neutral"][:6]
+    counts = gate_counts(st, model, tok, texts, 2.0)
+    fired, total = (sum(c) for c in zip(*counts, strict=True))
+    assert len(counts) == 6 and total > 0 and all(0 <= f <= t for f, t in counts)
+    assert fired / total == pytest.approx(gate_rate(st, model, tok, texts, 2.0), abs=1e-6)
+    assert 0 < fired < total  # a gate that is neither always on nor always off, or the check proves little
+    assert gate_counts(None, model, tok, texts, 2.0) == [(0, 0)] * 6
