@@ -9,7 +9,6 @@ import torch
 
 import dsas
 from dsas.gates import SiteGate
-from dsas.maps import SiteMap
 from dsas.sites import get_module, output_tensor, replace_output
 
 PROMPTS = ["you stupid idiot and", "the city river history is", "a nice kind friend"]
@@ -266,3 +265,67 @@ def test_bf16_model_keeps_dtype(tiny_tok, engine_sets):
         with st.apply(model, strength=4.0):
             out = model(**enc).logits
     assert out.dtype == torch.bfloat16 and torch.equal(ref, same) and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def prefix_steerer(arch_model, tiny_tok, engine_sets):
+    return dsas.fit(
+        arch_model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="prefix", inactive="keep"
+    )
+
+
+def test_prefix_gate_reads_the_running_mean_of_the_logit(arch_model, left_tok, prefix_steerer):
+    """scope="prefix": every token's gate is phi(mean of w . z over the real tokens so far + b), computed here from
+    the unsteered activations of the first steered site (nothing upstream of it is steered)."""
+    st = prefix_steerer
+    assert all(g.scope == "prefix" for g in st.gates.values())
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].float()
+    first = st.steered[0]  # nothing upstream is steered: its activations are the model's own
+    g = st.gates[first]
+    acts = {}
+
+    def grab(_m, _a, out):
+        acts["z"] = output_tensor(out).float()
+        return out
+
+    with torch.no_grad():
+        h = get_module(arch_model, first).register_forward_hook(grab)
+        try:
+            arch_model(**enc)
+        finally:
+            h.remove()
+        with st.apply(arch_model, 2.0, trace=True) as tr:
+            arch_model(**enc)
+    s = acts["z"] @ g.w
+    mean = torch.cumsum(s * real, 1) / torch.cumsum(real, 1).clamp_min(1)
+    expect = 2.0 * g.mult * torch.sigmoid(mean + g.b)
+    torch.testing.assert_close(tr.scales[first][real.bool()], expect[real.bool()], rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_gate_cached_uncached_and_rows_alone_agree(arch_model, left_tok, prefix_steerer):
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with prefix_steerer.apply(arch_model, strength=6.0, trace=True) as t1:
+        cached = arch_model.generate(**enc, use_cache=True, **kw)
+    with prefix_steerer.apply(arch_model, strength=6.0, trace=True) as t2:
+        uncached = arch_model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    real = t1.mask.bool()
+    for k in t1.scales:
+        torch.testing.assert_close(t1.scales[k][real], t2.scales[k][real], rtol=1e-4, atol=1e-5)
+    for i, p in enumerate(PROMPTS):
+        with prefix_steerer.apply(arch_model, strength=6.0):
+            alone = arch_model.generate(**left_tok([p], return_tensors="pt"), **kw)
+        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
+    with prefix_steerer.apply(arch_model, strength=0.0):
+        assert torch.equal(arch_model.generate(**enc, **kw), arch_model.generate(**enc, **kw))
+
+
+def test_prefix_gate_refuses_beam_search_and_survives_save(arch_model, left_tok, prefix_steerer, tmp_path):
+    enc = left_tok(PROMPTS[:1], return_tensors="pt")
+    with pytest.raises(ValueError, match="beam search"), prefix_steerer.apply(arch_model, 2.0):
+        arch_model.generate(**enc, max_new_tokens=2, num_beams=2, pad_token_id=0)
+    prefix_steerer.save(tmp_path / "p")
+    back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
+    assert all(g.scope == "prefix" for g in back.gates.values())

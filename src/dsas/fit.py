@@ -301,6 +301,8 @@ def _gate_none(ctx: FitContext) -> Gates:
 
 def _gate_dsas(ctx: FitContext) -> Gates:
     cfg: DSASConfig = ctx.options["dsas"]
+    if cfg.scope == "prefix" and ctx.data.kind != "text":
+        raise ValueError("scope='prefix' follows a token sequence; for images use scope='token'.")
     pool = "all" if cfg.features == "tokens" else "mean"
     src, ctl = ctx.acts("source", pool), ctx.acts("control", pool)
     gates, steered, stats = {}, [], {}

@@ -29,20 +29,27 @@ from dsas import rule
 from dsas.options import check_fields
 
 GATE_KINDS = ("const", "sigmoid", "relu")
+GATE_SCOPES = ("token", "prefix")
 
 
 @dataclass
 class SiteGate:
-    """g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; or g = mult for kind "const"."""
+    """g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; or g = mult for kind "const".
+
+    scope "token" reads each token's z; "prefix" reads the mean of w . z over the sequence so far (see
+    `DSASConfig.scope`)."""
 
     kind: str = "const"
     w: torch.Tensor | None = None
     b: float = 0.0
     mult: float = 1.0
+    scope: str = "token"
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"gate kind {self.kind!r} is not one of {GATE_KINDS}.")
+        if self.scope not in GATE_SCOPES:
+            raise ValueError(f"gate scope {self.scope!r} is not one of {GATE_SCOPES}.")
         if self.kind != "const" and self.w is None:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
 
@@ -77,6 +84,12 @@ class DSASConfig:
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
+    scope: Literal["token", "prefix"] = "token"
+    """What the gate reads at run time. "token": each token's activation (the paper). "prefix": the mean of the
+    gate logit over the sequence so far (the prompt's real tokens and every generated token), which is what the
+    regulator was trained on (one token-mean per prompt): once the prompt shows the cue, the continuation keeps
+    being steered, where a per-token gate closes on every token that does not itself carry the cue. Eager
+    generation only (no beam search, no torch.compile)."""
     control_fpr: float | None = None
     """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
     this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets
@@ -99,7 +112,9 @@ class DSASConfig:
         if self.temperature <= 0:
             raise ValueError("DSASConfig.temperature must be > 0.")
         if self.control_fpr is not None and not 0 < self.control_fpr < 1:
-            raise ValueError("DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint).")
+            raise ValueError(
+                "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."
+            )
 
 
 @dataclass
@@ -222,7 +237,7 @@ def fit_regulator(
     mult = 1.0
     if cfg.soft:
         mult = float(np.clip((acc - 0.5) / max(cfg.acc_threshold - 0.5, 1e-9), 0.0, 1.0))
-    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult)
+    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult, cfg.scope)
     if not active and cfg.inactive == "vanilla":
         gate = SiteGate("const", None, 0.0, 1.0)
     pca = pipe.named_steps["pca"]

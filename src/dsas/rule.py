@@ -36,6 +36,8 @@ class SiteParams:
     b: float | torch.Tensor = 0.0
     mult: float | torch.Tensor = 1.0
     relu: bool | torch.Tensor = False
+    prefix: bool = False
+    """The gate reads the running mean of w . z over the sequence (`prefix_logit`), not each token's."""
 
     @classmethod
     def build(cls, m: Any, g: Any, device: torch.device | str = "cpu") -> SiteParams:
@@ -49,7 +51,10 @@ class SiteParams:
         shift = mv(m.shift)
         assert shift is not None
         w = mv(g.w) if g.kind != "const" else None
-        return cls(shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu")
+        prefix = w is not None and getattr(g, "scope", "token") == "prefix"
+        return cls(
+            shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu", prefix
+        )
 
     def on(self, device: torch.device | str) -> SiteParams:
         """A fresh copy on `device`."""
@@ -77,20 +82,35 @@ def displacement(
     return d
 
 
+def logit(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w . z per token. Under torch.compile an elementwise product + sum fuses with the update (and takes a
+    per-token w [N, d]); eagerly a matvec is faster."""
+    return (z * w).sum(-1) if w.dim() > 1 or torch.compiler.is_compiling() else z @ w
+
+
+def prefix_logit(
+    s: torch.Tensor, real: torch.Tensor, carry: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Running mean of the logits s [B, T] over the real tokens so far (`real` [B, T] in {0, 1}), continuing the
+    sums and counts `carry` ([B], [B]) of earlier passes. Returns the means and the new carry."""
+    cs = carry[0][:, None] + torch.cumsum(s * real, 1)
+    cn = carry[1][:, None] + torch.cumsum(real, 1)
+    return cs / cn.clamp_min(1), (cs[:, -1], cn[:, -1])
+
+
 def gate(
     z: torch.Tensor,
     w: torch.Tensor | None,
     b: float | torch.Tensor = 0.0,
     mult: float | torch.Tensor = 1.0,
     relu: bool | torch.Tensor = False,
+    s: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """g(z) = mult * phi(w . z + b) for z [..., d] -> [...]; `mult` broadcast to z's tokens without w."""
+    """g(z) = mult * phi(w . z + b) for z [..., d] -> [...]; `mult` broadcast to z's tokens without w. `s`, when
+    given, replaces w . z (a prefix gate's running mean)."""
     if w is None:
         return torch.as_tensor(mult, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
-    # Under torch.compile an elementwise product + sum fuses with the update (and takes a per-token w [N, d]);
-    # eagerly a matvec is faster.
-    s = (z * w).sum(-1) if w.dim() > 1 or torch.compiler.is_compiling() else z @ w
-    s = s + b
+    s = (logit(z, w) if s is None else s.to(z.dtype)) + b
     if isinstance(relu, torch.Tensor):
         phi = torch.where(relu, torch.relu(s), torch.sigmoid(s))
     else:
@@ -98,9 +118,12 @@ def gate(
     return mult * phi
 
 
-def rule(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rule(
+    h: torch.Tensor, p: SiteParams, lam: torch.Tensor, s: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule on one site output h: [B, T, d], [B, d] / [N, d], or [B, C, H, W] (channels = d, every location
-    a token). lam: [B] (or [N]) strengths. Returns (h', a) with a = lam * g, h'.shape minus the feature dim.
+    a token). lam: [B] (or [N]) strengths; s: the gate logits w . z to use instead of each token's (a prefix
+    gate). Returns (h', a) with a = lam * g, h'.shape minus the feature dim.
 
     Math in fp32 at least (float64 stays float64, so strength 0 is the identity there too), cast back to h's
     dtype."""
@@ -110,7 +133,7 @@ def rule(h: torch.Tensor, p: SiteParams, lam: torch.Tensor) -> tuple[torch.Tenso
     if ct != torch.float32:
         p = p.to(ct)
     lam = lam.to(ct).view(-1, *([1] * (z.dim() - 2)))
-    a = lam * gate(z, p.w, p.b, p.mult, p.relu)
+    a = lam * gate(z, p.w, p.b, p.mult, p.relu, s)
     y = torch.addcmul(z, a.unsqueeze(-1), displacement(z, p.shift, p.scale, p.lo, p.hi)).to(h.dtype)
     return (y.movedim(-1, 1) if chan_first else y), a
 

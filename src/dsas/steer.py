@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dsas.compiled import ACTIVE, pack_sites, unpack
-from dsas.rule import Folded, SiteParams, fold, rule, rule_folded
+from dsas.rule import Folded, SiteParams, fold, logit, prefix_logit, rule, rule_folded
 from dsas.sites import Site, get_module, output_tensor, replace_output
 from dsas.torchutil import module_device
 
@@ -104,12 +104,33 @@ class SteerState:
         self.lam = lam
         self.expand = expand
         self.trace = trace
+        self.prefix = False
+        """Some site's gate reads the running mean over the sequence (`DSASConfig.scope="prefix"`)."""
         self.rows_in: int | None = None
         """Rows of the batch given to `generate` (set while it runs): per-row strengths follow its expansion."""
         self.generating = 0
+        self.offset = 0
+        """Position of the current top-level pass's first token (0: a new sequence)."""
+        self.mask: torch.Tensor | None = None
+        """Attention mask of the current pass (past + current tokens), when the model got one."""
+        self.carries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Per prefix-gated site: the running sums and counts of its gate logit per row."""
         self.packs: list[Any] = []
         self._lam: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._lam_dev: dict[torch.device, torch.Tensor] = {}
+
+    def begin_pass(self, offset: int, mask: torch.Tensor | None) -> None:
+        self.offset, self.mask = offset, mask
+        if offset == 0:
+            self.carries.clear()
+        if self.trace is not None:
+            self.trace.begin_pass(offset, mask)
+
+    def real_tokens(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """[batch, length] 1. for the real tokens of the current pass, 0. for padding."""
+        if self.mask is None or self.mask.shape[0] != batch:
+            return torch.ones(batch, length, device=device)
+        return self.mask[:, -length:].to(device, torch.float32)
 
     @property
     def shared(self) -> bool:
@@ -300,6 +321,13 @@ def pass_position(args: Any, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor 
     return max(off, 0), mask, ref if isinstance(ref, torch.Tensor) else None
 
 
+def _beams(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    if "num_beams" in kwargs:
+        return int(kwargs["num_beams"] or 1)
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return int(getattr(cfg, "num_beams", 1) or 1)
+
+
 def _generate_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     for x in (
         kwargs.get("input_ids"),
@@ -341,6 +369,11 @@ def steering_frame(
 
             def make(call: Callable[..., Any]) -> Callable[..., Any]:
                 def generate(*args: Any, **kwargs: Any) -> Any:
+                    if state.prefix and _beams(model, kwargs) > 1:
+                        raise ValueError(
+                            "This steerer has prefix-scope gates (a running state per sequence), which beam search "
+                            "would reorder: use greedy or sampling, or refit with scope='token'."
+                        )
                     with lock:
                         state.generating += 1
                         state.rows_in = _generate_rows(args, kwargs)
@@ -415,6 +448,8 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
     def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
         h = output_tensor(out, index)
         check_width(site, h, dim)
+        if params.prefix:
+            return replace_output(out, _prefix_site(name, h, on(h.device), state), index)
         if torch.compiler.is_compiling():
             st = ACTIVE[key] if code >= 0 else state
             assert isinstance(st, SteerState)
@@ -440,12 +475,39 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
     return hook
 
 
-def trace_positions(model: nn.Module, trace: Trace) -> Wrapped:
-    """Wrap the model's forward so the trace knows where each pass's tokens start (cache length) and its mask."""
+def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -> torch.Tensor:
+    """A prefix-scope gate: the rule with each token's logit replaced by its running mean over the sequence,
+    carried across the passes of one sequence (prefill, then every cached decode step)."""
+    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
+        raise ValueError(
+            f"Site {name} has a prefix-scope gate, which runs eagerly on token sequences only: refit with "
+            "scope='token' for torch.compile or image sites."
+        )
+    assert p.w is not None
+    x = h if h.dim() == 3 else h[:, None]
+    b, t = x.shape[:2]
+    carry = state.carries.get(name)
+    if carry is None or carry[0].shape[0] != b:
+        if state.offset > 0 and carry is not None:
+            raise ValueError(
+                f"Site {name}: the batch changed from {carry[0].shape[0]} to {b} rows mid-sequence."
+            )
+        zero = torch.zeros(b, device=h.device)
+        carry = (zero, zero)
+    s, state.carries[name] = prefix_logit(logit(x.float(), p.w), state.real_tokens(b, t, h.device), carry)
+    y, a = rule(x, p, state.lam_for(b, h.device), s)
+    if state.trace is not None:
+        state.trace.add(name, a)
+    return y if h.dim() == 3 else y[:, 0]
+
+
+def track_positions(model: nn.Module, state: SteerState) -> Wrapped:
+    """Wrap the model's forward so the block knows where each pass's tokens start (cache length) and its mask:
+    the trace aligns scales with positions, prefix gates carry their running state across decode steps."""
 
     def before(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         off, mask, _ = pass_position(args, kwargs)
-        trace.begin_pass(off, mask)
+        state.begin_pass(off, mask)
 
     return wrap_forward(model, before=before)
 
@@ -463,13 +525,14 @@ def steering(
 ) -> Iterator[Trace]:
     """Steer `model`'s sites (maps: {site: SiteMap}, gates: {site: SiteGate}) for the span of the block."""
     with steering_frame(model, strength, expand, trace) as (state, wrappers):
-        if state.trace is not None:
-            wrappers.append(trace_positions(model, state.trace))
         mods = [get_module(model, s) for s in sites]
         devs = [module_device(m) or torch.device("cpu") for m in mods]
         params = [
             SiteParams.build(maps[s.name], gates[s.name], dv) for s, dv in zip(sites, devs, strict=True)
         ]
+        state.prefix = any(p.prefix for p in params)
+        if state.trace is not None or state.prefix:
+            wrappers.append(track_positions(model, state))
         for dv in set(devs):
             state.prepare(dv)
         state.packs, codes = pack_sites(list(params))

@@ -173,7 +173,8 @@ class Steerer:
                     "kind": s.kind,
                     "layer": s.layer,
                     "steered": s.name in self.steered,
-                    "gate": {"kind": g.kind, "b": g.b, "mult": g.mult},
+                    "gate": {"kind": g.kind, "b": g.b, "mult": g.mult}
+                    | ({"scope": g.scope} if g.scope != "token" else {}),
                     "stats": self.stats.get(s.name, {}),
                 }
             )
@@ -198,7 +199,11 @@ class Steerer:
             )
             gk = row["gate"]
             gates[name] = SiteGate(
-                gk["kind"], tensors.get(f"{name}/gate.w"), float(gk["b"]), float(gk["mult"])
+                gk["kind"],
+                tensors.get(f"{name}/gate.w"),
+                float(gk["b"]),
+                float(gk["mult"]),
+                gk.get("scope", "token"),
             )
             if row["steered"]:
                 steered.append(name)
