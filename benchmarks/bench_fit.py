@@ -31,7 +31,7 @@ from common import (
 )
 
 import dsas
-from dsas.fit import GATE_METHODS, GATES, METHODS
+from dsas.fit import GATES, METHODS
 from dsas.gates import DSASConfig, fit_regulator
 from dsas.record import record
 from dsas.sites import resolve_sites
@@ -99,11 +99,8 @@ def main() -> None:
     )
 
     for method, gate in PAIRS:
-        if (
-            method not in METHODS
-            or gate not in GATES
-            or (gate in GATE_METHODS and method not in GATE_METHODS[gate])
-        ):
+        joint = GATES[gate].joint if gate in GATES else None
+        if method not in METHODS or gate not in GATES or (joint is not None and method != joint):
             payload["rows"].append({"pair": f"{method}+{gate}", "skipped": "not registered"})
             continue
         opts: dict[str, Any] = (

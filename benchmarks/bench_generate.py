@@ -43,6 +43,7 @@ from common import (
 )
 
 import dsas
+import dsas.steer
 
 CONFIGS: dict[str, tuple[str, str] | None] = {
     "unsteered": None,
@@ -50,7 +51,14 @@ CONFIGS: dict[str, tuple[str, str] | None] = {
     "dsas": ("caa", "dsas"),
     "e2e-dsas": ("lineas", "e2e-sigmoid"),
 }
-REFERENCE = "dsas-reference"  # the DSAS steerer with dsas.steer.FAST_EAGER off: the per-site rule as before
+REFERENCE = "dsas-reference"  # the DSAS steerer with FAST_EAGER off: every site call through `rule`
+
+
+def set_fast_eager(on: bool) -> None:
+    """dsas.steer.FAST_EAGER: eager token activations take `dsas.rule.rule_folded` (True) or the reference
+    `dsas.rule.rule` (False). A tree without the flag has only one eager path: nothing to set."""
+    if hasattr(dsas.steer, "FAST_EAGER"):
+        dsas.steer.FAST_EAGER = on
 
 
 def fit_steerers(
@@ -127,6 +135,8 @@ def main() -> None:
     p.add_argument("--reference", action="store_true", help=f"eager: add {REFERENCE!r} (before/after)")
     args = p.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
+    if args.reference and not hasattr(dsas.steer, "FAST_EAGER"):
+        p.error("--reference needs dsas.steer.FAST_EAGER, which this dsas tree does not have")
     clock = Clock(args.budget_s)
     dev, dtype = setup(args)
     cuda = dev.type == "cuda"
@@ -202,7 +212,7 @@ def main() -> None:
         if compiled:
             kw.update(cache_implementation="static", compile_config=cc)
         ctx = st.apply(model, strength=args.strength) if st is not None else contextlib.nullcontext()
-        dsas.steer.FAST_EAGER = not reference
+        set_fast_eager(not reference)
         try:
             with ctx, torch.no_grad():
                 sync(dev)
@@ -211,7 +221,7 @@ def main() -> None:
                 sync(dev)
                 t1 = time.perf_counter()
         finally:
-            dsas.steer.FAST_EAGER = True
+            set_fast_eager(True)
         assert res.shape[1] == enc["input_ids"].shape[1] + new_tokens and first.t is not None
         return t1 - t0, t1 - first.t
 

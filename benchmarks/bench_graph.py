@@ -15,7 +15,9 @@ The tokens/s benchmark (`bench_generate.py`) says *how much* a steered compiled 
   and normalizes (a chained reduction, like softmax).
 * `inputs`: graph inputs (the steered graph adds the packed site parameters and the strengths: two tensors).
 * `guard_us`: the cost of dynamo's guard check for the graph the call selects (dynamo's default settings, which
-  `apply` leaves alone), timed on the captured frame locals. `--hook-guards` adds the unsteered graph compiled
+  `apply` leaves alone), timed on the captured frame locals (`guard_cpu_us`: in thread CPU time, robust to a
+  shared machine), and its size: `guard_leaves` (of which `guard_lambdas` are Python lambda guards, the slow
+  kind) and `guard_managers`, which do not depend on the load. `--hook-guards` adds the unsteered graph compiled
   with dynamo's guards on module hooks, what hook-based steering needs to be noticed by compiled graphs.
 * `step_us`: median time of one compiled decode step (interleaved rounds, CUDA synchronized), and `ratio` =
   unsteered / config. On CUDA `--cudagraphs` also times the step under mode "reduce-overhead".
@@ -122,27 +124,39 @@ def frame_locals(step: Step) -> dict[str, Any]:
     return cap
 
 
-def guard_us(step: Step, repeats: int = 500) -> float | None:
-    """Median time of the guard check of the cache entry that accepts the current call (None if none does, or
-    this torch lacks the debugging hook)."""
+def guards(step: Step, repeats: int = 500) -> dict[str, Any]:
+    """The guard check of the cache entry that accepts the current call: its median time (wall and thread CPU
+    time, which a shared machine's preemption does not inflate) and its size (leaf guards, of them Python lambda
+    guards, and guard managers: deterministic). Empty if no entry accepts the call or this torch lacks the hook."""
     try:
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
-        return None
+        return {}
     fl = frame_locals(step)
     with torch.no_grad():
         for entry in _debug_get_cache_entry_list(type(step.model).forward.__code__):
             gm = entry.guard_manager
             if not gm.check(fl):
                 continue
-            ts = []
+            wall, cpu = [], []
             for _ in range(5):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 for _ in range(repeats):
                     gm.check(fl)
-                ts.append((time.perf_counter() - t) / repeats * 1e6)
-            return sorted(ts)[2]
-    return None
+                cpu.append((time.thread_time() - c) / repeats * 1e6)
+                wall.append((time.perf_counter() - t) / repeats * 1e6)
+            out: dict[str, Any] = {
+                "guard_us": round(sorted(wall)[2], 1),
+                "guard_cpu_us": round(sorted(cpu)[2], 1),
+            }
+            # the guard tree as TORCH_LOGS=guards prints it: one line per guard manager or leaf guard
+            tree = [x.strip(" |+-") for x in str(gm).splitlines()[1:]]
+            managers = sum(x.startswith(("GuardManager", "RootGuardManager")) for x in tree)
+            out["guard_leaves"] = sum(bool(x) for x in tree) - managers
+            out["guard_lambdas"] = sum(x.startswith("LAMBDA_GUARD") for x in tree)
+            out["guard_managers"] = managers
+            return out
+    return {}
 
 
 def main() -> None:
@@ -197,8 +211,7 @@ def main() -> None:
                 row.update(count_kernels(codes[-1:]) if codes else {})
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
                 with ctx(c):
-                    g = guard_us(step)
-                    row["guard_us"] = None if g is None else round(g, 1)
+                    row.update(guards(step))
 
         def timed(c: str, step: Step = step) -> float:
             with ctx(c):
@@ -224,14 +237,14 @@ def main() -> None:
         with inductor_code() as codes:
             step()
             step()
-        g = guard_us(step)
-        row = {**count_kernels(codes[-1:]), "guard_us": None if g is None else round(g, 1)}
+        row = {**count_kernels(codes[-1:]), **guards(step)}
         rows["unsteered, hook guards on"] = row
 
     table = Table(
         title=f"one compiled decode step, {args.shape} x {args.layers} layers, batch {args.batch}, {dev}"
     )
-    cols = ["kernels", "extern", "inputs", "guard_us", "step_us", "ratio", "graphs_step_us", "graphs_ratio"]
+    cols = ["kernels", "extern", "inputs", "guard_leaves", "guard_lambdas", "guard_managers", "guard_us"]
+    cols += ["guard_cpu_us", "step_us", "ratio", "graphs_step_us", "graphs_ratio"]
     cols = [k for k in cols if any(k in r for r in rows.values())]
     table.add_column("config")
     for k in cols:

@@ -14,14 +14,19 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+SRC = os.environ.get("DSAS_SRC") or str(ROOT / "src")
+"""The dsas tree the scripts import: this checkout's, or another one's `src` (DSAS_SRC=/tmp/before/src) to run
+the same benchmark on an earlier version."""
+sys.path.insert(0, SRC)
 sys.path.insert(0, str(ROOT / "tests"))  # conftest: the tiny random-init models the tests use
 
 import dsas  # noqa: E402
@@ -40,6 +45,53 @@ QWEN25_15B: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
+
+
+def _dsas_modules() -> dict[str, ModuleType]:
+    return {k: m for k, m in list(sys.modules.items()) if k == "dsas" or k.startswith("dsas.")}
+
+
+def import_tree(src: str) -> dict[str, ModuleType]:
+    """Import a second dsas tree (another checkout's `src`) into this process, for before/after timings in one
+    interleaved loop: its modules are returned and the first tree's are put back. Run code of the second tree
+    inside `use_tree(modules)`, so that imports made at call time resolve to that tree too."""
+    import importlib
+
+    first = _dsas_modules()
+    for k in first:
+        del sys.modules[k]
+    sys.path.insert(0, src)
+    try:
+        importlib.import_module("dsas")
+        for sub in ("fit", "steer", "steerer", "sites", "maps", "gates"):
+            importlib.import_module(f"dsas.{sub}")
+        second = _dsas_modules()
+    finally:
+        sys.path.remove(src)
+        for k in _dsas_modules():
+            del sys.modules[k]
+        sys.modules.update(first)
+    return second
+
+
+@contextmanager
+def use_tree(modules: dict[str, ModuleType] | None) -> Iterator[ModuleType]:
+    """sys.modules holds `modules` (a tree from `import_tree`; None: the one imported first) inside the block;
+    yields its `dsas` package."""
+    if modules is None:
+        yield sys.modules["dsas"]
+        return
+    saved = _dsas_modules()
+    for k in saved:
+        del sys.modules[k]
+    sys.modules.update(modules)
+    try:
+        yield modules["dsas"]
+    finally:
+        modules.update(_dsas_modules())  # submodules imported inside the block stay with their tree
+        for k in _dsas_modules():
+            del sys.modules[k]
+        sys.modules.update(saved)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -239,22 +239,12 @@ def _protect(mod: nn.Module) -> None:
     d["__deepcopy__"], d["__reduce_ex__"] = deepcopy_unsteered, reduce_unsteered
 
 
-def wrap_method(
-    mod: nn.Module, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-) -> Wrapped:
-    """Replace `mod.<name>` on the instance by `make(current)` (a function of the call's arguments), installed
-    as a bound method with the original's signature (callers such as generate() read forward's signature). An
-    existing instance-level method (e.g. accelerate's forward) is the one wrapped, and restored by `remove`."""
+def _install(mod: nn.Module, name: str, method: Callable[..., Any], prev: Any) -> Wrapped:
+    """Put `method(self, *args, **kwargs)` on the instance as `mod.<name>`, with the original's signature
+    (callers such as generate() read forward's signature to decide which inputs to pass)."""
     d = mod.__dict__
-    prev = d.get(name)
-    unbound = getattr(type(mod), name)
-    fn = make(prev if prev is not None else types.MethodType(unbound, mod))
-
-    def method(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
     try:
-        sig = inspect.signature(unbound if prev is None else prev)
+        sig = inspect.signature(getattr(type(mod), name) if prev is None else prev)
         if prev is not None:  # a bound callable: give it the `self` that the bound method drops again
             first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
             sig = sig.replace(parameters=[first, *sig.parameters.values()])
@@ -268,6 +258,20 @@ def wrap_method(
     return Wrapped(mod, name, installed, prev)
 
 
+def wrap_method(
+    mod: nn.Module, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Wrapped:
+    """Replace `mod.<name>` on the instance by `make(current)` (a function of the call's arguments). An existing
+    instance-level method is the one wrapped, and restored by `remove`."""
+    prev = mod.__dict__.get(name)
+    fn = make(prev if prev is not None else types.MethodType(getattr(type(mod), name), mod))
+
+    def method(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return _install(mod, name, method, prev)
+
+
 def wrap_forward(
     mod: nn.Module,
     after: Callable[[nn.Module, Any, Any], Any] | None = None,
@@ -275,18 +279,31 @@ def wrap_forward(
 ) -> Wrapped:
     """Run `before(mod, args, kwargs)` ahead of `mod`'s forward and let `after(mod, args, out)` replace its
     output. Unlike a module hook this needs no extra dynamo guard: the instance's `forward` is already guarded,
-    so compiled graphs see the wrapper come and go."""
+    so compiled graphs see the wrapper come and go. The steering case (`after` only, the class's forward) is one
+    flat function: every extra level of calls costs a compiled graph guards on each site."""
+    prev = mod.__dict__.get("forward")
+    if prev is None and before is None and after is not None:
 
-    def make(call: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return after(self, args, type(self).forward(self, *args, **kwargs))
+
+    elif prev is None:
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if before is not None:
-                before(mod, args, kwargs)
-            out = call(*args, **kwargs)
-            return out if after is None else after(mod, args, out)
+                before(self, args, kwargs)
+            out = type(self).forward(self, *args, **kwargs)
+            return out if after is None else after(self, args, out)
 
-        return forward
+    else:
 
-    return wrap_method(mod, "forward", make)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(self, args, kwargs)
+            out = prev(*args, **kwargs)
+            return out if after is None else after(self, args, out)
+
+    return _install(mod, "forward", forward, prev)
 
 
 class _Flag:
@@ -431,7 +448,7 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
     Eager token activations take `rule_folded` (lam * mult folded in at entry, or once per batch size with
     per-row strengths); under torch.compile the site reads its row of the packed parameters (`dsas.compiled`);
     traced, 4-D or float64 activations take the reference `rule`, which also returns lam * g."""
-    dim, index, name = int(params.shift.shape[-1]), site.index, site.name
+    dim, index, name, prefix = int(params.shift.shape[-1]), site.index, site.name, params.prefix
     per_device = {params.shift.device: params}
     folds: dict[tuple[int, int, torch.device], Folded] = {}
     if state.shared and state.trace is None:
@@ -448,7 +465,7 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
     def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
         h = output_tensor(out, index)
         check_width(site, h, dim)
-        if params.prefix:
+        if prefix:
             return replace_output(out, _prefix_site(name, h, on(h.device), state), index)
         if torch.compiler.is_compiling():
             st = ACTIVE[key] if code >= 0 else state
