@@ -448,7 +448,7 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
     Eager token activations take `rule_folded` (lam * mult folded in at entry, or once per batch size with
     per-row strengths); under torch.compile the site reads its row of the packed parameters (`dsas.compiled`);
     traced, 4-D or float64 activations take the reference `rule`, which also returns lam * g."""
-    dim, index, name, prefix = int(params.shift.shape[-1]), site.index, site.name, params.prefix
+    dim, index, name = int(params.shift.shape[-1]), site.index, site.name
     per_device = {params.shift.device: params}
     folds: dict[tuple[int, int, torch.device], Folded] = {}
     if state.shared and state.trace is None:
@@ -462,11 +462,18 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
             p = per_device[dev] = params.on(dev)
         return p
 
+    if params.prefix:  # its own hook: the common one stays free of the check (a guard per site when compiled)
+
+        def prefix_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
+            h = output_tensor(out, index)
+            check_width(site, h, dim)
+            return replace_output(out, _prefix_site(name, h, on(h.device), state), index)
+
+        return prefix_hook
+
     def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
         h = output_tensor(out, index)
         check_width(site, h, dim)
-        if prefix:
-            return replace_output(out, _prefix_site(name, h, on(h.device), state), index)
         if torch.compiler.is_compiling():
             st = ACTIVE[key] if code >= 0 else state
             assert isinstance(st, SteerState)
