@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from dsas.cli import parse_options, app
+from dsas.cli import app, parse_options
 from dsas.models import ModelUnavailableError
 
 

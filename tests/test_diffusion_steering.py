@@ -33,7 +33,9 @@ from dsas.gates import SiteGate
 CONCEPT, TARGET, STEPS = 3, 8, 4
 
 
-def fit_images(model: Any, source: Any, target: Any, control: Any = None, gate: str = "dsas", **kw: Any) -> Steerer:
+def fit_images(
+    model: Any, source: Any, target: Any, control: Any = None, gate: str = "dsas", **kw: Any
+) -> Steerer:
     """dsas.fit on image sets; a DSAS regulator labels every (image, timestep) unless told otherwise."""
     if gate == "dsas":
         kw.setdefault("features", "tokens")
@@ -554,7 +556,9 @@ def test_every_map_method_steers_the_digits_model(
         assert torch.equal(digits.sample(CLASSES, seed=3, steps=STEPS), steered)
 
 
-@pytest.mark.parametrize(("method", "gate"), [("lineas", "none"), ("lineas", "e2e-sigmoid"), ("caa", "threshold")])
+@pytest.mark.parametrize(
+    ("method", "gate"), [("lineas", "none"), ("lineas", "e2e-sigmoid"), ("caa", "threshold")]
+)
 def test_text_only_components_say_so_on_images(
     digits: DigitsDiffusion, sets: dict[str, Any], method: str, gate: str
 ) -> None:

@@ -83,7 +83,9 @@ def test_strength_validation(model, tiny_tok, engine_sets):
 
 def test_a_shared_option_name_must_say_which_config(model, tiny_tok, engine_sets):
     """`C` is both ITI's probe strength and the DSAS regulator's: never silently given to one of them."""
-    with pytest.raises(TypeError, match="several configs.*iti=ITIConfig\\(C=...\\).*dsas=DSASConfig\\(C=...\\)"):
+    with pytest.raises(
+        TypeError, match=r"several configs.*iti=ITIConfig\(C=\.\.\.\).*dsas=DSASConfig\(C=\.\.\.\)"
+    ):
         dsas.fit(model, tiny_tok, engine_sets, method="iti", gate="dsas", C=0.5, progress=False)
     with pytest.raises(TypeError, match="several configs"):
         dsas.fit(model, tiny_tok, engine_sets, method="iti", gate="threshold", holdout=0.3, progress=False)

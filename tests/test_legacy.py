@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_model
+from fixtures.make_legacy import LM_CASES, PROMPTS
 from safetensors.torch import load_file
 
 import dsas
-from conftest import make_tiny_model
-
-from fixtures.make_legacy import LM_CASES, PROMPTS
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 

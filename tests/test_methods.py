@@ -76,12 +76,16 @@ def test_linear_act_incremental_fits_on_upstream_steered_activations(tiny_tok, e
 
 
 @pytest.mark.parametrize("method", ["caa", "iti"])
-def test_incremental_maps_move_steered_source_means_onto_the_target(tiny_tok, engine_sets, method, single_thread):
+def test_incremental_maps_move_steered_source_means_onto_the_target(
+    tiny_tok, engine_sets, method, single_thread
+):
     """With incremental=True, strength 1 (no gate) puts the source token-means onto the target's at every site
     (CAA exactly; ITI along its kept units), instead of compounding the upstream shifts."""
     model = make_tiny_model("llama", len(tiny_tok))
     kw = {"top_frac": 1.0} if method == "iti" else {}
-    inc = dsas.fit(model, tiny_tok, engine_sets, method=method, gate="none", incremental=True, progress=False, **kw)
+    inc = dsas.fit(
+        model, tiny_tok, engine_sets, method=method, gate="none", incremental=True, progress=False, **kw
+    )
     flat = dsas.fit(model, tiny_tok, engine_sets, method=method, gate="none", progress=False, **kw)
     assert inc.config["options"][method]["incremental"] is True
     tgt = record(model, tiny_tok, engine_sets.target, inc.sites, progress=False)

@@ -9,7 +9,9 @@ from conftest import make_tiny_model
 import dsas
 
 
-def test_other_weights_are_refused_unless_told_it_is_a_fine_tune(tiny_tok, engine_sets, tmp_path, single_thread):
+def test_other_weights_are_refused_unless_told_it_is_a_fine_tune(
+    tiny_tok, engine_sets, tmp_path, single_thread
+):
     base = make_tiny_model("llama", len(tiny_tok), seed=0)
     tuned = make_tiny_model("llama", len(tiny_tok), seed=1)  # same config, other weights
     st = dsas.fit(base, tiny_tok, engine_sets, gate="none", progress=False)

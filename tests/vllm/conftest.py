@@ -1,0 +1,69 @@
+"""Shared set-up of the vLLM serving tests (run in .venv-vllm by scripts/test_vllm.sh; the main suite skips them).
+
+Two steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS ("tox") and vanilla CAA
+("van", a constant gate). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/` and `van/` from earlier runs to
+skip the fits while iterating."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROMPTS_PER_KIND = 8
+
+
+def _fit(out: Path, gate: str) -> None:
+    if (out / "dsas_config.json").is_file():
+        return
+    dsas_cmd = str(Path(sys.executable).parent / "dsas")
+    cmd = [dsas_cmd, "fit", "--out", str(out), "--method", "caa", "--gate", gate]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def steerer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = Path(os.environ.get("DSAS_VLLM_TEST_STEERERS") or tmp_path_factory.mktemp("steerers"))
+    dirs = {"tox": root / "tox", "van": root / "van"}
+    _fit(dirs["tox"], "dsas")
+    _fit(dirs["van"], "none")
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> str:
+    """The embedded SmolLM2's cached safetensors folder, which vLLM serves."""
+    from dsas.serving.launch import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """Toxic prompts (the DSAS gate opens) and neutral ones (it mostly stays shut)."""
+    import dsas
+
+    sets = dsas.load_prompt_sets("toxicity", n=PROMPTS_PER_KIND, seed=1)
+    return [*sets.source[:PROMPTS_PER_KIND], *sets.control[:PROMPTS_PER_KIND]]
+
+
+def _engine_env(steerers: dict[str, Path] | None) -> dict[str, str]:
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+    if steerers is not None:
+        env["DSAS_STEERERS"] = ",".join(f"{k}={v}" for k, v in steerers.items())
+    return env
+
+
+@pytest.fixture(scope="session")
+def engine_env() -> Any:
+    """Environment of a test engine (in-process engine core, one thread, small KV cache), given its steerers."""
+    return _engine_env

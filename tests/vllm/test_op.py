@@ -1,0 +1,112 @@
+"""The serving op and its buffers, without an engine: the rule per token, exact zero rows, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+
+# A real vLLM, not this folder: from tests/ on sys.path, `import vllm` finds tests/vllm as a namespace package.
+pytest.importorskip("vllm.entrypoints.llm")
+
+import torch
+
+from dsas.rule import SiteParams, rule
+from dsas.serving.op import Activity, pack_site, steer, unsteered_row
+from dsas.serving.spec import RequestSteering, parse_request, parse_steerers
+from dsas.serving.state import ServingState, SiteTable
+
+D = 16
+
+
+def _sites() -> list[SiteParams]:
+    g = torch.Generator().manual_seed(0)
+    r = lambda: torch.randn(D, generator=g)  # noqa: E731
+    return [
+        SiteParams(r(), w=r(), b=0.3, mult=1.0),  # DSAS: sigmoid gate
+        SiteParams(
+            r(), scale=0.1 * r(), lo=-torch.ones(D), hi=torch.ones(D), w=r(), b=-0.2, mult=2.0, relu=True
+        ),
+        SiteParams(r(), mult=1.0),  # vanilla: constant gate
+    ]
+
+
+def _table(sites: list[SiteParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [unsteered_row(D), *(pack_site(p, D) for p in sites)]
+    return torch.stack([v for v, _ in rows]), torch.stack([s for _, s in rows])
+
+
+def test_each_token_gets_its_rows_rule_and_row_zero_is_exact():
+    sites = _sites()
+    vec, sca = _table(sites)
+    h = torch.randn(7, D, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([0, 1, 2, 3, 1, 0, 3, 0, 0], dtype=torch.int64)  # longer than the step: padding
+    lam = torch.tensor([0.0, 1.0, 4.0, 2.0, 0.5, 0.0, 3.0, 0.0, 0.0])
+    y = steer(h, rows, lam, vec, sca)
+    for t in range(7):
+        r = int(rows[t])
+        if r == 0:
+            assert torch.equal(y[t], h[t])
+        else:
+            ref, _ = rule(h[t : t + 1], sites[r - 1], lam[t : t + 1])
+            torch.testing.assert_close(y[t : t + 1], ref, rtol=1e-6, atol=1e-6)
+    Activity.steered = False
+    try:
+        assert torch.equal(steer(h, rows, lam, vec, sca), h)
+    finally:
+        Activity.steered = True
+
+
+def test_the_op_compiles_without_graph_breaks_and_follows_buffer_contents():
+    vec, sca = _table(_sites())
+    rows = torch.zeros(8, dtype=torch.int64)
+    lam = torch.zeros(8)
+    lin = torch.nn.Linear(D, D)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dsas.steer(lin(x), rows, lam, vec, sca) * 2
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), lin(x) * 2)
+        rows[:5] = torch.tensor([1, 2, 3, 0, 1])
+        lam[:5] = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0])
+        torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+        assert not torch.equal(compiled(x), lin(x) * 2)
+
+
+def test_fill_writes_the_step_layout_and_clears_what_the_last_step_left():
+    rows, lam = torch.zeros(10, dtype=torch.int64), torch.zeros(10)
+    state = ServingState(
+        ("a", "b"), {"m": SiteTable(*_table(_sites()[:2]))}, rows, lam, rows, lam
+    )  # CPU layout
+    assert state.fill([(3, RequestSteering("b", 2.0)), (1, None), (2, RequestSteering("a", 0.5))])
+    assert state.rows.tolist() == [2, 2, 2, 0, 1, 1, 0, 0, 0, 0]
+    assert state.lam.tolist() == [2.0, 2.0, 2.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert not state.fill([(2, None)])
+    assert state.rows.tolist() == [0] * 10 and state.lam.tolist() == [0.0] * 10
+    state.admit("r1", RequestSteering("a", 1.0))
+    state.admit("r2", None)
+    assert state.active == {"a": 1}
+    state.finish(["r1", "r2", "unknown"])
+    assert not state.active and not state.requests
+
+
+def test_request_and_operator_parsing():
+    assert parse_steerers(" tox=runs/tox , van=/x ")["van"].as_posix() == "/x"
+    for bad in ("tox", "=x", "t ox=x", "a=x,a=y", ","):
+        with pytest.raises(ValueError):
+            parse_steerers(bad)
+    names = ("tox",)
+    assert parse_request(None, names) is None and parse_request({"other": 1}, names) is None
+    assert parse_request({"dsas_steerer": "tox"}, names) == RequestSteering("tox", 1.0)
+    assert parse_request({"dsas_steerer": "tox", "dsas_strength": 3}, names) == RequestSteering("tox", 3.0)
+    for bad, msg in (
+        ({"dsas_steerer": "x"}, "Unknown steerer 'x'"),
+        ({"dsas_steerer": "tox", "dsas_strength": float("inf")}, "finite"),
+        ({"dsas_steerer": "tox", "dsas_strength": True}, "finite"),
+        ({"dsas_steerer": ["tox"]}, "Unknown steerer"),
+        ({"dsas_strength": 1.0}, "without"),
+        ({"dsas_steer": "tox"}, "Unknown steering argument"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            parse_request(bad, names)
