@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsas.sites import find_blocks, output_tensor, replace_output, resolve_sites
+from dsas.sites import find_blocks, resolve_sites
+from dsas.torchutil import output_tensor, replace_output
 
 EXPECTED_AUTO = {
     "llama": ("model.layers.{}.self_attn", "model.layers.{}.mlp"),

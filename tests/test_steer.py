@@ -9,7 +9,8 @@ import torch
 
 import dsas
 from dsas.gates import SiteGate
-from dsas.sites import get_module, output_tensor, replace_output
+from dsas.sites import get_module
+from dsas.torchutil import output_tensor, replace_output
 
 PROMPTS = ["you stupid idiot and", "the city river history is", "a nice kind friend"]
 

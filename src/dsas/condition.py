@@ -29,9 +29,9 @@ from torch import nn
 from dsas.options import check_fields
 from dsas.record import pool_tokens
 from dsas.rule import SiteParams, rule
-from dsas.sites import Site, find_blocks, get_module, output_tensor, replace_output, resolve_sites
+from dsas.sites import Site, find_blocks, get_module, resolve_sites
 from dsas.steer import SteerState, Trace, check_width, pass_position, steering_frame, wrap_forward
-from dsas.torchutil import model_device
+from dsas.torchutil import model_device, output_tensor, replace_output
 
 THRESHOLD_DIRECTIONS = ("pc1", "mean")
 

@@ -225,7 +225,7 @@ def fit_regulator(
         X = torch.cat([source, control]).double().numpy()
         y = np.concatenate([np.ones(len(source)), np.zeros(len(control))])
     # One BLAS thread: these problems are small, and on a busy machine a thread pool's spin-waits made one
-    # regulator fit up to 60x slower (measured: 8.8 s vs 0.13 s per site on 2 shared cores).
+    # regulator fit many times slower.
     with threadpool_limits(limits=1):
         acc = regulator_accuracy(X, y, cfg, groups, w, seed)
         pipe = fit_pipeline(X, y, w, cfg.pca_dim, cfg.C)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsas.sites import Site, get_module, output_tensor, unwrap_model
-from dsas.torchutil import StopForward, model_device
+from dsas.sites import Site, get_module, unwrap_model
+from dsas.torchutil import StopForward, model_device, output_tensor
 
 POOLS = ("mean", "last", "all")
 

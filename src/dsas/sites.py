@@ -255,29 +255,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return inner
 
 
-def output_tensor(out: Any, index: int | None = None) -> torch.Tensor:
-    """The tensor to steer inside a module output (a tensor, or a tuple/list whose element `index` or 0)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list) and out:
-        t = out[index or 0]
-        if isinstance(t, torch.Tensor):
-            return t
-    raise TypeError(
-        f"Site output of type {type(out).__name__} holds no tensor at index {index or 0}; "
-        "pick another site or a tuple index with 'name:i'."
-    )
-
-
-def replace_output(out: Any, new: torch.Tensor, index: int | None = None) -> Any:
-    """The module output with the steered tensor put back in place (tuples stay tuples)."""
-    if isinstance(out, torch.Tensor):
-        return new
-    items = list(out)
-    items[index or 0] = new
-    return tuple(items) if isinstance(out, tuple) else items
-
-
 def fingerprint(model: nn.Module, sites: Sequence[Site]) -> dict[str, Any]:
     """What a steerer records about the model it was fitted on, checked again before it is applied: config shape,
     site names and a small sample of the weights (`weight_signature`)."""

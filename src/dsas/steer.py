@@ -29,8 +29,8 @@ from torch import nn
 
 from dsas.compiled import ACTIVE, pack_sites, unpack
 from dsas.rule import Folded, SiteParams, fold, logit, prefix_logit, rule, rule_folded
-from dsas.sites import Site, get_module, output_tensor, replace_output
-from dsas.torchutil import module_device
+from dsas.sites import Site, get_module
+from dsas.torchutil import module_device, output_tensor, replace_output
 
 EXPANDS = ("interleave", "tile")
 

@@ -1,6 +1,9 @@
-"""Small torch helpers shared by every module: where a model lives, and the one way to cut a forward pass short."""
+"""Small torch helpers shared by every module: where a model lives, the steerable tensor inside a module's
+output, and the one way to cut a forward pass short."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,3 +26,26 @@ def module_device(module: nn.Module) -> torch.device | None:
 def model_device(model: nn.Module) -> torch.device:
     """Where inputs to `model` go: its first parameter's device (CPU for a model without parameters)."""
     return module_device(model) or torch.device("cpu")
+
+
+def output_tensor(out: Any, index: int | None = None) -> torch.Tensor:
+    """The tensor to steer inside a module output (a tensor, or a tuple/list whose element `index` or 0)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out:
+        t = out[index or 0]
+        if isinstance(t, torch.Tensor):
+            return t
+    raise TypeError(
+        f"Site output of type {type(out).__name__} holds no tensor at index {index or 0}; "
+        "pick another site or a tuple index with 'name:i'."
+    )
+
+
+def replace_output(out: Any, new: torch.Tensor, index: int | None = None) -> Any:
+    """The module output with the steered tensor put back in place (tuples stay tuples)."""
+    if isinstance(out, torch.Tensor):
+        return new
+    items = list(out)
+    items[index or 0] = new
+    return tuple(items) if isinstance(out, tuple) else items

@@ -35,9 +35,9 @@ from dsas.maps import SiteMap, resample_sorted
 from dsas.options import check_fields
 from dsas.record import accepts_position_ids, context_length, tokenize
 from dsas.rule import SiteParams, gate, rule
-from dsas.sites import Site, get_module, output_tensor, replace_output
+from dsas.sites import Site, get_module
 from dsas.steer import wrap_forward
-from dsas.torchutil import StopForward, model_device
+from dsas.torchutil import StopForward, model_device, output_tensor, replace_output
 
 OPTIMIZERS = ("adam", "lbfgs")
 DEFAULT_STEPS = {False: 50, True: 25}
@@ -50,9 +50,9 @@ class LinEASConfig:
 
     steps: int | None = None
     """Maximum full-batch optimiser steps (each one forward + backward pass); None: 50 for LinEAS, 25 for
-    E2E-DSAS, whose steps also run the control prompts: under 5 minutes each for SmolLM2-135M with 32 prompts
-    per set on 2 CPU cores. The loss still creeps down after that (-25% from 50 to 100 steps on SmolLM2):
-    give more where steps are cheap (e.g. 300 on a GPU)."""
+    E2E-DSAS, whose steps also run the control prompts: budgets sized for a CPU (fit times in
+    benchmarks/README.md). The loss still creeps down after that: give more where steps are cheap (e.g. 300 on a
+    GPU)."""
     lr: float = 1e-2
     """Adam learning rate of log(1 + δ) and of b in units of its coordinate's spread (see `relative`)."""
     patience: int = 10
@@ -102,10 +102,8 @@ class E2EConfig:
     beta: float = 1.0
     """Weight of the control (retain) regulariser: mean over control tokens of Σ_sites ||steered − unsteered||.
     The paper's value was not recovered (1 is the spec's default). The two terms have different units, so the
-    right β depends on the model: on SmolLM2 the W2 term is ~10x the retain term (5e3 vs 5e2 at step 50) and
-    β = 1 / 10 / 30 gave false steering rates 0.32 / 0.25 / 0.18 and a mean toxicity score at +5% perplexity of
-    0.056 / 0.050 / 0.050 (docs/methods.md; prefer 10-30 there), while β = 10 shuts the gates of a tiny random
-    GPT-2 entirely. Tune it (`scripts/compare_methods.py --e2e-beta`)."""
+    right β depends on the model (docs/methods.md has a sweep on SmolLM2, where 10-30 beat 1): tune it
+    (`scripts/compare_methods.py --e2e-beta`)."""
     warm_start: bool = True
     """Start each gate from the DSAS regulator fitted on the same data (u = folded w, c = b); else u = 0,
     c = 0 (sigmoid, g = 0.5) or c = 1 (ReLU, g = 1)."""

@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsas.record import capture, check_finite, pool_tokens
-from dsas.sites import Site, output_tensor, resolve_sites
-from dsas.torchutil import model_device
+from dsas.sites import Site, resolve_sites
+from dsas.torchutil import model_device, output_tensor
 
 if TYPE_CHECKING:
     from dsas.diffusion.digits import DigitsDiffusion, NoisedBatch
