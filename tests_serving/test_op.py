@@ -10,7 +10,7 @@ pytest.importorskip("vllm.entrypoints.llm")
 import torch
 
 from dsas.rule import SiteParams, rule
-from dsas.serving.op import Activity, pack_site, steer, unsteered_row
+from dsas.serving.op import Activity, pack_site, row_params, steer, unsteered_row
 from dsas.serving.spec import RequestSteering, parse_request, parse_steerers
 from dsas.serving.state import ServingState, SiteTable
 
@@ -53,6 +53,38 @@ def test_each_token_gets_its_rows_rule_and_row_zero_is_exact():
         assert torch.equal(steer(h, rows, lam, vec, sca), h)
     finally:
         Activity.steered = True
+
+
+@pytest.mark.parametrize("row", [1, 2, 3])
+def test_a_step_with_one_steerer_takes_the_folded_form(row):
+    """When every steered token of a step uses one row (the host says so), the op runs the eager folded rule
+    without gathering: the same result as the per-token rule, unsteered tokens (strength 0) bit for bit."""
+    sites = _sites()
+    vec, sca = _table(sites)
+    h = torch.randn(6, D, generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([row, 0, row, row, 0, row, 0], dtype=torch.int64)
+    lam = torch.tensor([1.0, 0.0, 4.0, 2.0, 0.0, 0.5, 0.0])
+    Activity.row = row
+    try:
+        y = steer(h, rows, lam, vec, sca)
+    finally:
+        Activity.row = -1
+    ref = steer(h, rows, lam, vec, sca)  # the gathered per-token rule
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(y[[1, 4]], h[[1, 4]])
+    p = row_params(vec, sca, row)
+    assert (p.w is None) == (row == 3) and (p.scale is None) == (row != 2) and (p.lo is None) == (row != 2)
+
+
+def test_fill_says_when_one_steerer_serves_the_step():
+    rows, lam = torch.zeros(10, dtype=torch.int64), torch.zeros(10)
+    state = ServingState(("a", "b"), {"m": SiteTable(*_table(_sites()[:2]))}, rows, lam, rows, lam)
+    state.fill([(3, RequestSteering("b", 2.0)), (1, None), (2, RequestSteering("b", 0.5))])
+    assert state.single_row == 2
+    state.fill([(3, RequestSteering("b", 2.0)), (2, RequestSteering("a", 0.5))])
+    assert state.single_row == -1
+    state.fill([(2, None)])
+    assert state.single_row == -1
 
 
 def test_the_op_compiles_without_graph_breaks_and_follows_buffer_contents():

@@ -17,11 +17,12 @@ changes (rows, lam refilled in place each step), never a recompile or a recaptur
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
-from dsas.rule import SiteParams, rule
+from dsas.rule import SiteParams, fold, rule, rule_folded
 
 VEC_FIELDS = ("shift", "scale", "lo", "hi", "w")
 SCA_FIELDS = ("b", "mult", "relu")
@@ -35,6 +36,9 @@ class Activity:
     whatever the buffers say."""
 
     steered: bool = True
+    row: int = -1
+    """The one table row every steered token of the step uses (-1: several rows, or not known). Eager CPU calls
+    then take `one_row`: the rule without the per-token gather."""
 
 
 def _capturing(h: torch.Tensor) -> bool:
@@ -46,9 +50,50 @@ def steer(
     h: torch.Tensor, rows: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor, sca: torch.Tensor
 ) -> torch.Tensor:
     """h [N, d] -> h' [N, d]; rows and lam are read for the first N tokens."""
-    if not Activity.steered and not _capturing(h):
-        return h.clone()
+    if not _capturing(h):
+        if not Activity.steered:
+            return h.clone()
+        if Activity.row > 0 and not h.is_cuda:
+            return one_row(h, lam, vec, sca, Activity.row)
     return (gathered_rule if h.is_cuda else _fused())(h, rows, lam, vec, sca)
+
+
+_ROWS: dict[int, tuple[weakref.ref[torch.Tensor], dict[int, SiteParams]]] = {}
+"""id(table) -> (the table, its rows as SiteParams). Keyed by id with the weak reference checked: tensors compare
+elementwise, so they cannot be keys that a dict compares."""
+
+
+def row_params(vec: torch.Tensor, sca: torch.Tensor, r: int) -> SiteParams:
+    """Table row r as `SiteParams` (views), with neutral pieces left out so the folded rule skips them. Cached per
+    table: tables are written once, at load."""
+    entry = _ROWS.get(id(vec))
+    if entry is None or entry[0]() is not vec:
+        key = id(vec)
+        entry = _ROWS[key] = (weakref.ref(vec, lambda _r: _ROWS.pop(key, None)), {})
+    per_table = entry[1]
+    p = per_table.get(r)
+    if p is None:
+        v, c = vec[r], sca[r]
+        gated = bool(v[4].any()) or float(c[0]) != 1.0 or float(c[2]) == 0.0
+        support = bool(torch.isfinite(v[2]).any() or torch.isfinite(v[3]).any())
+        p = per_table[r] = SiteParams(
+            v[0],
+            v[1] if bool(v[1].any()) else None,
+            v[2] if support else None,
+            v[3] if support else None,
+            v[4] if gated else None,
+            float(c[0]),
+            float(c[1]),
+            bool(c[2] > 0),
+        )
+    return p
+
+
+def one_row(h: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor, sca: torch.Tensor, r: int) -> torch.Tensor:
+    """The rule when every steered token of the step uses table row r: the eager folded form (`rule_folded`, as
+    HF `generate` runs it) over the whole batch with per-token strengths; unsteered tokens have strength 0, an
+    exact zero delta."""
+    return rule_folded(h, fold(row_params(vec, sca, r), lam[: h.shape[0]], h.dim()))
 
 
 def gathered_rule(

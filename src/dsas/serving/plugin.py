@@ -231,3 +231,4 @@ def _fill(runner: Any, state: ServingState, scheduler_output: Any, num_scheduled
             state.admit(rid, parse_request(sp.extra_args if sp is not None else None, names))
         spans.append((int(num_scheduled_tokens[i]), state.requests[rid]))
     _op.Activity.steered = state.fill(spans)
+    _op.Activity.row = state.single_row

@@ -130,6 +130,8 @@ class ServingState:
     _host_lam: torch.Tensor = field(repr=False)
     extent: int = 0
     """Tokens written by the last fill (all later entries are row 0 / lam 0)."""
+    single_row: int = -1
+    """The one steerer row every steered token of the last fill uses, or -1 (none, or several)."""
     active: Counter[str] = field(default_factory=Counter)
     """Running requests per steerer."""
     requests: dict[str, RequestSteering | None] = field(default_factory=dict)
@@ -181,6 +183,8 @@ class ServingState:
             lams.append(lam)
         total = int(sum(counts))
         steered = any(rows)
+        used = {r for r in rows if r}
+        self.single_row = used.pop() if len(used) == 1 else -1
         if total > self.rows.numel():
             raise RuntimeError(f"dsas: a step of {total} tokens exceeds the {self.rows.numel()} allocated")
         if not steered and self.extent == 0:
