@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from common import RESULTS, environment, import_tree, interleave, load_average, use_tree, write_json
 from conftest import make_engine_sets, make_tiny_model, make_tiny_tokenizer
-from dispatch_count import Ops, count_ops, per_site
+from dispatch_count import Ops, per_site, steering_ops
 
 COMBOS = [(m, g) for m in ("caa", "iti", "lineas", "linear_act") for g in ("none", "dsas")] + [
     ("lineas", "e2e-sigmoid")
@@ -75,15 +75,7 @@ def ops_part(trees: dict[str, Any], lineas_steps: int) -> list[dict[str, Any]]:
                 st = fit(d, model, tok, sets, method, gate, lineas_steps)
                 for scenario, batch, strength in (("global", 1, 4.0), ("per-row", 2, [2.0, 4.0])):
                     enc = tok(PROMPTS[:batch], padding=True, return_tensors="pt")
-                    with torch.no_grad():
-                        model(**enc)
-                        with count_ops(model, st.steered) as plain:
-                            model(**enc)
-                        with st.apply(model, strength=strength):
-                            with count_ops(model, st.steered) as first:
-                                model(**enc)  # the first call may prepare per-batch-size parameters
-                            with count_ops(model, st.steered) as steered:
-                                model(**enc)
+                    steered, first, plain = steering_ops(model, enc, st, strength)
                     d1 = per_site(first, plain, st.steered)
                     row = {
                         "version": version,

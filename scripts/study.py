@@ -660,6 +660,17 @@ def plots(
     return files
 
 
+def budget_table(
+    title: str, steerers: dict[str, Any], budgets: Sequence[float], cell: Callable[[Any], str]
+) -> list[str]:
+    """Markdown lines of a steerers x perplexity-budgets table, `cell(result at a budget)` per entry."""
+    lines = ["", f"### {title}", "", "| steerer | " + " | ".join(f"+{b:.0%} ppl" for b in budgets) + " |"]
+    lines.append("|---|" + "---|" * len(budgets))
+    for name, r in steerers.items():
+        lines.append(f"| {name} | " + " | ".join(cell(r[b]) for b in budgets) + " |")
+    return lines
+
+
 def write_report(
     md: Path, results: dict[str, Any], notes: list[str], cfg: StudyConfig, seconds: float
 ) -> None:
@@ -706,33 +717,20 @@ def write_report(
                 f"toxic rate {base['toxic'].mean():.3f}, Wikipedia perplexity {base['ppl']:.2f}, MC accuracy "
                 f"{base['mc'].mean() if base['mc'].size else float('nan'):.3f}."
             )
+
             for key, title in METRICS:
-                lines += [
-                    "",
-                    f"### {title}",
-                    "",
-                    "| steerer | " + " | ".join(f"+{b:.0%} ppl" for b in cfg.budgets) + " |",
-                ]
-                lines.append("|---|" + "---|" * len(cfg.budgets))
-                for name, r in tox["steerers"].items():
-                    lines.append(
-                        f"| {name} | "
-                        + " | ".join(metric(r[b], key, cfg.n_boot).fmt() for b in cfg.budgets)
-                        + " |"
-                    )
-            lines += [
-                "",
-                "### Calibrated strength (per seed)",
-                "",
-                "| steerer | " + " | ".join(f"+{b:.0%} ppl" for b in cfg.budgets) + " |",
-            ]
-            lines.append("|---|" + "---|" * len(cfg.budgets))
-            for name, r in tox["steerers"].items():
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(", ".join(f"{s:.3g}" for s in r[b]["strength"]) for b in cfg.budgets)
-                    + " |"
+                lines += budget_table(
+                    title,
+                    tox["steerers"],
+                    cfg.budgets,
+                    lambda res, key=key: metric(res, key, cfg.n_boot).fmt(),
                 )
+            lines += budget_table(
+                "Calibrated strength (per seed)",
+                tox["steerers"],
+                cfg.budgets,
+                lambda res: ", ".join(f"{s:.3g}" for s in res["strength"]),
+            )
             lines += ["", "### Claims (toxicity)", "", *claims_toxicity(tox, cfg)]
         concepts = res.get("concepts", {})
         if concepts:

@@ -122,3 +122,20 @@ def count_ops(model: torch.nn.Module, sites: list[str]) -> Iterator[dict[str, Op
 def per_site(steered: dict[str, Ops], plain: dict[str, Ops], sites: list[str]) -> dict[str, Ops]:
     """What steering added at each site (and under "" outside every site), steered minus unsteered windows."""
     return {s: steered.get(s, Ops()) - plain.get(s, Ops()) for s in ["", *sites]}
+
+
+def steering_ops(
+    model: torch.nn.Module, enc: dict[str, torch.Tensor], st: Any, strength: Any
+) -> tuple[dict[str, Ops], dict[str, Ops], dict[str, Ops]]:
+    """(steady, first, plain): the ops of each steered site in the second forward inside `apply` (the first may
+    prepare per-batch-size parameters), in the first, and in an unsteered forward (after a warm-up one)."""
+    with torch.no_grad():
+        model(**enc)
+        with count_ops(model, st.steered) as plain:
+            model(**enc)
+        with st.apply(model, strength=strength):
+            with count_ops(model, st.steered) as first:
+                model(**enc)
+            with count_ops(model, st.steered) as steady:
+                model(**enc)
+    return steady, first, plain

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import make_engine_sets, make_tiny_model
-from dispatch_count import count_ops, per_site
+from dispatch_count import per_site, steering_ops
 
 import dsas
 
@@ -20,15 +19,7 @@ def site_ops(model, tok, st, strength, prompts):
     """{site: ops steering added} for the second forward inside `apply` (the first may prepare per-batch-size
     parameters) and for the first one."""
     enc = tok(prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        model(**enc)
-        with count_ops(model, st.steered) as plain:
-            model(**enc)
-        with st.apply(model, strength=strength):
-            with count_ops(model, st.steered) as first:
-                model(**enc)
-            with count_ops(model, st.steered) as steady:
-                model(**enc)
+    steady, first, plain = steering_ops(model, enc, st, strength)
     return per_site(steady, plain, st.steered), per_site(first, plain, st.steered)
 
 
