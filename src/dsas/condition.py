@@ -257,8 +257,7 @@ def conditional_steering(
 
         def begin(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             dec.begin(m, args, kwargs)
-            if state.trace is not None:
-                state.trace.begin_pass(dec.offset, dec.mask)
+            state.begin_pass(dec.offset, dec.mask)  # the block's own position bookkeeping (and the trace's)
 
         wrappers.append(wrap_forward(model, before=begin))
         # Wrapped first (innermost): at a site that is also steered, the condition reads the unsteered output.
