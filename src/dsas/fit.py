@@ -161,9 +161,18 @@ class FitContext:
 
     @property
     def tokenizer(self) -> Any:
+        return self.text.tokenizer
+
+    @property
+    def prompts(self) -> PromptSets:
+        """The prompt sets (components that run prompts through a text model)."""
+        return self.text.sets
+
+    @property
+    def text(self) -> TextData:
         if not isinstance(self.data, TextData):
-            raise TypeError("this component needs a text model and its tokenizer")
-        return self.data.tokenizer
+            raise TypeError("this component needs a text model, its tokenizer and prompt sets")
+        return self.data
 
 
 @dataclass
@@ -281,7 +290,7 @@ def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
         ctx.model,
         ctx.tokenizer,
         ctx.sites,
-        ctx.data.sets.source,  # type: ignore[attr-defined]
+        ctx.prompts.source,
         ctx.acts("target"),
         ctx.options["lineas"],
         max_length=ctx.fit.max_length,
@@ -340,7 +349,7 @@ def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float
 def _gate_e2e(kind: str) -> GateFn:
     def fn(ctx: FitContext) -> Gates:
         ecfg: E2EConfig = ctx.options["e2e"]
-        sets: PromptSets = ctx.data.sets  # type: ignore[attr-defined]
+        sets = ctx.prompts
         res = train_maps(
             ctx.model,
             ctx.tokenizer,
