@@ -35,6 +35,7 @@ from transformers import (
 __all__ = [
     "BUILTIN_MODELS",
     "ModelUnavailableError",
+    "builtin_checkpoint",
     "builtin_gguf_path",
     "cache_root",
     "list_builtin_models",
@@ -321,6 +322,12 @@ def _ready(
     return model, tokenizer
 
 
+def builtin_checkpoint(name: str = "smollm2-135m", cache_dir: str | Path | None = None) -> Path:
+    """The folder of a built-in model's safetensors checkpoint (converted on first use): what `load_model` reads,
+    and what another engine (vLLM) can serve."""
+    return _cached_checkpoint(BUILTIN_MODELS[name.strip().lower()], cache_dir)
+
+
 def load_model(
     name: str = "smollm2-135m",
     *,
@@ -339,8 +346,7 @@ def load_model(
     """
     key = name.strip().lower()
     if key in BUILTIN_MODELS:
-        checkpoint = _cached_checkpoint(BUILTIN_MODELS[key], cache_dir)
-        model, tokenizer = _from_pretrained(checkpoint, dtype)
+        model, tokenizer = _from_pretrained(builtin_checkpoint(key, cache_dir), dtype)
         return _ready(model, tokenizer, device)
 
     local = Path(name).expanduser()

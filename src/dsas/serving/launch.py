@@ -12,14 +12,11 @@ from dsas.serving.spec import parse_steerers
 
 def resolve_model(model: str) -> str:
     """A built-in name -> the folder of its cached safetensors checkpoint (vLLM reads it); anything else as is."""
-    from dsas.models import BUILTIN_MODELS, load_model
+    from dsas.models import BUILTIN_MODELS, builtin_checkpoint
 
     if model.strip().lower() not in BUILTIN_MODELS:
         return model
-    m, _ = load_model(model)  # builds the cache on first use; its folder is the checkpoint vLLM serves
-    path = str(m.name_or_path)
-    del m
-    return path
+    return str(builtin_checkpoint(model))
 
 
 def serve_command(model: str, steerers: list[str], host: str, port: int, extra: list[str]) -> None:
