@@ -57,6 +57,8 @@ def main() -> None:
     prompts = [
         TokensPrompt(prompt_token_ids=tok(t)["input_ids"]) for t in (texts.source + texts.control)[:N_REQ]
     ]
+    # vLLM CPU reserves ~90% of memory for the KV cache by default; two engines side by side need a fixed share.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = dict(dtype="float32", max_model_len=512, max_num_seqs=N_REQ, seed=0, enable_prefix_caching=False)
     os.environ["DSAS_STEERERS"] = f"s={os.path.abspath(args.steerer)}"
     a = LLM(model=checkpoint, **engine)  # engine core spawned with the plugin on

@@ -171,18 +171,22 @@ def fold(p: SiteParams, lam: torch.Tensor, ndim: int) -> Folded:
     return Folded(shift, scale, p.lo, p.hi, w, b, bool(p.relu))
 
 
-def rule_folded(h: torch.Tensor, f: Folded) -> torch.Tensor:
+def rule_folded(h: torch.Tensor, f: Folded, a: torch.Tensor | None = None) -> torch.Tensor:
     """`rule` for eager token activations h [B, T, d] / [B, d] with lam * mult folded in (`fold`):
     y = z + phi(w . z + b) * (k Δ(z)). A bf16 / fp16 h is promoted inside the add of a plain site, and
-    upcast once (and cast back) otherwise."""
-    if f.plain:
+    upcast once (and cast back) otherwise.
+
+    `a` [N, 1], when given, is one more per-token factor of the gate (the serving op folds mult once per
+    table row and passes each token's strength here): y = z + a * phi(w . z + b) * (k Δ(z))."""
+    if f.plain and a is None:
         y = h + f.shift
         return y if y.dtype == h.dtype else y.to(h.dtype)
     z = h.float()  # h itself when h is fp32
     delta = displacement(z, f.shift, f.scale, f.lo, f.hi)
     if f.w is None:
-        y = z + delta
+        y = z + delta if a is None else torch.addcmul(z, a, delta)
     else:
         g = F.linear(z, f.w, f.b)  # [..., 1]: w . z + b in one addmm
-        y = torch.addcmul(z, g.relu_() if f.relu else g.sigmoid_(), delta)
+        g = g.relu_() if f.relu else g.sigmoid_()
+        y = torch.addcmul(z, g if a is None else g.mul_(a), delta)
     return y if y.dtype == h.dtype else y.to(h.dtype)
