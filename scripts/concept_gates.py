@@ -21,10 +21,13 @@ import dsas
 from dsas.eval import generate_continuations
 from dsas.eval.concept import concept_rate
 
-GRIDS = {
+GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa": ("none", {}, [0.5, 1.0, 1.5, 2.0]),
     "caa+dsas": ("dsas", {}, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(prefix)": ("dsas", {"scope": "prefix"}, [2.0, 4.0, 6.0, 8.0]),
+    "caa(incr)": ("none", {"incremental": True}, [0.5, 1.0, 1.5, 2.0]),
+    "caa(incr)+dsas": ("dsas", {"incremental": True}, [1.0, 2.0, 3.0, 4.0]),
+    "caa(incr)+dsas(tokens)": ("dsas", {"incremental": True, "features": "tokens"}, [1.0, 2.0, 3.0, 4.0]),
 }
 
 
@@ -34,6 +37,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-eval", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("runs/concept_gates"))
+    ap.add_argument("--only", nargs="*", choices=list(GRIDS), help="Steerers to run (default: all).")
+    ap.add_argument("--strengths", type=float, nargs="*", help="Override every steerer's strength grid.")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = dsas.load_model(args.model)
@@ -44,6 +49,9 @@ def main() -> None:
     outs = sets.eval[sets.meta.get("eval_out") or keys[1]][: args.n_eval]
     rows = []
     for name, (gate, opts, grid) in GRIDS.items():
+        if args.only and name not in args.only:
+            continue
+        grid = args.strengths or grid
         st = dsas.fit(model, tok, sets, gate=gate, progress=False, **opts)
         print(f"{name}: {len(st.steered)} of {len(st.sites)} sites steered", flush=True)
         for lam in grid:
@@ -60,7 +68,10 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), f"({time.time() - t0:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.sets}.json").write_text(json.dumps(rows, indent=1))
+    path = args.out / f"{args.sets}.json"
+    ran = {r["steerer"] for r in rows}
+    kept = [r for r in json.loads(path.read_text()) if r["steerer"] not in ran] if path.exists() else []
+    path.write_text(json.dumps(kept + rows, indent=1))
 
 
 if __name__ == "__main__":

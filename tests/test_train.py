@@ -165,7 +165,7 @@ def test_e2e_gate_learns_source_versus_control(planted, tiny_tok, kind, steps, s
     """No warm start: the gate is only pushed by the W2 term (source) and the retain term (control)."""
     model, _delta, _shift, src, ctl, target_means = planted
     cfg = LinEASConfig(steps=steps, lr=0.05, patience=0)
-    e2e = E2EConfig(beta=1.0, warm_start=False)
+    e2e = E2EConfig(warm_start=False)  # the default, relative beta
     res = train_maps(
         model, tiny_tok, SITES, src, target_means, cfg, control=ctl, gate_kind=kind, e2e=e2e, progress=False
     )
@@ -191,3 +191,31 @@ def test_default_step_budget(planted, tiny_tok, single_thread):
         model, tiny_tok, SITES, src, target_means, cfg, control=ctl, gate_kind="relu", progress=False
     )
     assert res.evaluations == 25 and res.summary()["evaluations"] == 25
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_relative_beta_makes_the_e2e_objective_scale_free(planted, tiny_tok, relative, single_thread):
+    """Activations c times larger: with `relative_beta` the whole objective scales by c^2 (W2 by c^2, the retain
+    term by c, its unit W2(init)/D by c), so Adam takes the same steps and the gates come out the same; with the
+    raw sum the retain term weighs c times less and the gates differ."""
+    model, _delta, _shift, src, ctl, _ = planted
+    cfg = LinEASConfig(steps=60, lr=0.05, patience=0)
+    e2e = E2EConfig(beta=1.0, warm_start=False, relative_beta=relative)
+    site = SITES[:1]
+    vocab = tiny_tok.get_vocab()
+    probe = [vocab[w] for w in SRC_WORDS + CTL_WORDS]
+    gates = []
+    for c in (1.0, 10.0):
+        scaled = Planted(model.emb.weight * c, model.mix.weight).eval()
+        tgt = [" ".join(TGT_WORDS[SRC_WORDS.index(w)] for w in s.split()) for s in src]
+        means = record(scaled, tiny_tok, tgt, site, progress=False)
+        res = train_maps(
+            scaled, tiny_tok, site, src, means, cfg, control=ctl, gate_kind="sigmoid", e2e=e2e, progress=False
+        )
+        assert res.gates is not None
+        gates.append(res.gates["a"].value(scaled.emb.weight[probe]))
+    gap = float((gates[0] - gates[1]).abs().max())
+    if relative:
+        assert gap < 1e-3
+    else:
+        assert gap > 0.05

@@ -99,11 +99,16 @@ E2E_KINDS = ("sigmoid", "relu")
 class E2EConfig:
     """Options of the E2E-DSAS gate φ(u · z + c), trained jointly with the LinEAS maps (steps, lr: LinEASConfig)."""
 
-    beta: float = 1.0
+    beta: float = 0.3
     """Weight of the control (retain) regulariser: mean over control tokens of Σ_sites ||steered − unsteered||.
-    The paper's value was not recovered (1 is the spec's default). The two terms have different units, so the
-    right β depends on the model (docs/methods.md has a sweep on SmolLM2, where 10-30 beat 1): tune it
-    (`scripts/compare_methods.py --e2e-beta`)."""
+    With `relative_beta` (default) β is unitless: 1 prices moving control tokens by the full source -> target
+    displacement as much as leaving the whole initial W2 distance untransported. 0.3 is ~30 in the raw units
+    on SmolLM2 (unit 96 there), the best raw value measured (docs/methods.md)."""
+    relative_beta: bool = True
+    """Scale the retain term by W2(init) / D, W2(init) the Wasserstein term with identity maps and D = Σ_sites
+    ||mean target − mean source|| (what the retain term reads when control tokens are moved as far as source
+    ones), so one β serves models whose activations have different scales. False: the spec's raw sum, where the
+    right β depends on the model (10-30 on SmolLM2, docs/methods.md)."""
     warm_start: bool = True
     """Start each gate from the DSAS regulator fitted on the same data (u = folded w, c = b); else u = 0,
     c = 0 (sigmoid, g = 0.5) or c = 1 (ReLU, g = 1)."""
@@ -431,6 +436,7 @@ def train_maps(
         groups.append({"params": [*tr.u, *tr.c], "lr": e2e.gate_lr or cfg.lr})
     params = [p for g in groups for p in g["params"]]
     track = _Tracker(cfg, steps, tr, desc, progress)
+    retain_unit = 1.0
 
     def closure() -> torch.Tensor:
         """One forward + backward over the training sets at the current parameters; returns the loss."""
@@ -443,7 +449,7 @@ def train_maps(
             tr.forward(ctl, "control")
             assert tr.retain is not None
             retain = tr.retain
-            loss = loss + e2e.beta * retain
+            loss = loss + e2e.beta * retain_unit * retain
             if e2e.gate_weight_decay > 0:
                 loss = loss + e2e.gate_weight_decay * sum(u.pow(2).sum() for u in tr.u)
         loss.backward()
@@ -464,6 +470,10 @@ def train_maps(
                     (r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)
                 ]
                 tr.center[i] = torch.cat(means).mean(0)
+            if ctl is not None and e2e.relative_beta:
+                retain_unit = _retain_unit(
+                    rec, src, tr.center, targets, target_means, [s.name for s in sites]
+                )
             if ctl is not None:
                 tr.reference = tr.forward(ctl, "off")  # unsteered control activations, once
                 for i, s in enumerate(sites):
@@ -511,6 +521,28 @@ def train_maps(
         stats = {s.name: {k: v[i] for k, v in gm.items()} for i, s in enumerate(sites)}
     seconds = time.perf_counter() - t0
     return TrainResult(maps, gates, track.history, track.best_step, len(track.history), stats, seconds)
+
+
+def _retain_unit(
+    rec: list[list[torch.Tensor]],
+    src: _Batch,
+    center: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    target_means: dict[str, torch.Tensor],
+    names: list[str],
+) -> float:
+    """W2(init) / D (`E2EConfig.relative_beta`): the Wasserstein term of the unsteered source token-means, over
+    the summed norm of the mean source -> target displacement."""
+    w2 = dist = 0.0
+    for i, name in enumerate(names):
+        means = torch.cat(
+            [(r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)]
+        )
+        w2 += float(w2_sorted(means.float(), targets[i]))
+        dist += float(torch.linalg.vector_norm(target_means[name].float().mean(0).to(center[i]) - center[i]))
+    if not (math.isfinite(w2) and math.isfinite(dist)) or dist <= 0 or w2 <= 0:
+        return 1.0  # source and target coincide: nothing to transport, nothing to rescale
+    return w2 / dist
 
 
 def _penalty(tr: SiteTrainer, cfg: LinEASConfig) -> float:
