@@ -41,7 +41,12 @@ def main() -> None:
         default=None,
         help="training steps of the LinEAS-based steerers (default: 50/25)",
     )
-    p.add_argument("--e2e-beta", type=float, default=None, help="E2EConfig.beta of the E2E-DSAS steerers (relative units, see E2EConfig.relative_beta)")
+    p.add_argument(
+        "--e2e-beta",
+        type=float,
+        default=None,
+        help="E2EConfig.beta of the E2E-DSAS steerers (relative units, see E2EConfig.relative_beta)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,7 +34,9 @@ def main() -> None:
         a, b = src[s.name].float(), tgt[s.name].float()
         w2 += float(w2_sorted(a, torch.sort(b, 0).values))
         dist += float(torch.linalg.vector_norm(b.mean(0) - a.mean(0)))
-    print(f"{args.model} / {args.sets}: W2(init) {w2:,.0f}, D {dist:,.0f}, unit W2(init) / D = {w2 / dist:.1f}")
+    print(
+        f"{args.model} / {args.sets}: W2(init) {w2:,.0f}, D {dist:,.0f}, unit W2(init) / D = {w2 / dist:.1f}"
+    )
 
 
 if __name__ == "__main__":
