@@ -4,7 +4,10 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/concept_gates.py --sets concept     # pear / fruit, ~10 min on CPU
 
 Prints, per steerer and strength, the share of held-out in-category and out-of-category continuations (40 each,
-24 greedy tokens) that contain the concept word, and writes them as JSON. A fast probe for choosing what the
+24 greedy tokens) that contain the concept word; for gated steerers the mean gate g (over steered sites) on the
+continuation tokens; and the unsteered model's perplexity of the continuations (how far from fluent text the
+steering drove them; the unsteered continuations' own is the first row). Writes <out>/<sets>.json and a Markdown
+table <out>/<sets>.md (rows of earlier runs with other steerers are kept). A fast probe for choosing what the
 full study (`scripts/study.py`) should compare; no intervals.
 """
 
@@ -20,15 +23,64 @@ import torch
 import dsas
 from dsas.eval import generate_continuations
 from dsas.eval.concept import concept_rate
+from dsas.torchutil import model_device
 
 GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
-    "caa": ("none", {}, [0.5, 1.0, 1.5, 2.0]),
+    "caa": ("none", {}, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]),
     "caa+dsas": ("dsas", {}, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(prefix)": ("dsas", {"scope": "prefix"}, [2.0, 4.0, 6.0, 8.0]),
+    "caa+dsas(below)": ("dsas", {"scope": "below"}, [1.5, 2.0, 2.5, 3.0]),
+    "caa+dsas(T=0.5)": ("dsas", {"temperature": 0.5}, [2.0, 3.0, 4.0, 6.0]),
+    "caa+dsas(T=0.25)": ("dsas", {"temperature": 0.25}, [2.0, 3.0, 4.0, 6.0]),
+    "caa+dsas(tokens)": ("dsas", {"features": "tokens"}, [2.0, 3.0, 4.0, 6.0]),
     "caa(incr)": ("none", {"incremental": True}, [0.5, 1.0, 1.5, 2.0]),
     "caa(incr)+dsas": ("dsas", {"incremental": True}, [1.0, 2.0, 3.0, 4.0]),
     "caa(incr)+dsas(tokens)": ("dsas", {"incremental": True, "features": "tokens"}, [1.0, 2.0, 3.0, 4.0]),
 }
+
+
+def continuation_stats(
+    model: torch.nn.Module, tok: object, prompts: list[str], conts: list[str], st: object, lam: float
+) -> tuple[float, float | None]:
+    """(unsteered perplexity of the continuation tokens, mean gate on them under `st` at `lam` or None)."""
+    nll = count = 0.0
+    gates: list[torch.Tensor] = []
+    gated = st is not None and any(getattr(st.gates[s], "kind", "const") != "const" for s in st.steered)
+    for p, c in zip(prompts, conts, strict=True):
+        n_p = len(tok(p)["input_ids"])
+        enc = tok(p + c, return_tensors="pt").to(model_device(model))
+        n = enc["input_ids"].shape[1]
+        if n <= n_p:
+            continue
+        with torch.no_grad():
+            logits = model(**enc).logits[0, n_p - 1 : n - 1].float()
+            nll += float(
+                torch.nn.functional.cross_entropy(logits, enc["input_ids"][0, n_p:], reduction="sum")
+            )
+            count += n - n_p
+            if gated:
+                with st.apply(model, lam, trace=True) as tr:
+                    model(**enc)
+                gates.append(torch.stack([v[0, n_p:].abs() / abs(lam) for v in tr.scales.values()]).flatten())
+    ppl = float(torch.exp(torch.tensor(nll / max(count, 1.0))))
+    return ppl, (float(torch.cat(gates).mean()) if gates else None)
+
+
+def markdown(rows: list[dict[str, object]], word: str) -> str:
+    head = (
+        f"| steerer | strength | in-category with '{word}' | out-of-category | in - out | gate on in-category "
+        "continuations | gate on out-of-category | continuation ppl (in / out) |\n|---|---|---|---|---|---|---|---|\n"
+    )
+
+    def f(x: object) -> str:
+        return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    return head + "".join(
+        f"| {r['steerer']} | {f(r['strength'])} | {f(r['in'])} | {f(r['out'])} | "
+        f"{f(float(r['in']) - float(r['out']))} | {f(r.get('gate_in'))} | {f(r.get('gate_out'))} | "  # type: ignore[arg-type]
+        f"{f(r.get('ppl_in'))} / {f(r.get('ppl_out'))} |\n"
+        for r in rows
+    )
 
 
 def main() -> None:
@@ -48,6 +100,21 @@ def main() -> None:
     ins = sets.eval[sets.meta.get("eval_in") or keys[0]][: args.n_eval]
     outs = sets.eval[sets.meta.get("eval_out") or keys[1]][: args.n_eval]
     rows = []
+    ci = generate_continuations(model, tok, ins, max_new_tokens=24, progress=False)
+    co = generate_continuations(model, tok, outs, max_new_tokens=24, progress=False)
+    ppl_in, _ = continuation_stats(model, tok, ins, ci, None, 0.0)
+    ppl_out, _ = continuation_stats(model, tok, outs, co, None, 0.0)
+    rows.append(
+        {
+            "steerer": "unsteered",
+            "strength": 0.0,
+            "in": concept_rate(ci, word),
+            "out": concept_rate(co, word),
+            "ppl_in": ppl_in,
+            "ppl_out": ppl_out,
+        }
+    )
+    print(json.dumps(rows[-1]), flush=True)
     for name, (gate, opts, grid) in GRIDS.items():
         if args.only and name not in args.only:
             continue
@@ -59,11 +126,17 @@ def main() -> None:
             with st.apply(model, lam):
                 ci = generate_continuations(model, tok, ins, max_new_tokens=24, progress=False)
                 co = generate_continuations(model, tok, outs, max_new_tokens=24, progress=False)
+            ppl_in, g_in = continuation_stats(model, tok, ins, ci, st, lam)
+            ppl_out, g_out = continuation_stats(model, tok, outs, co, st, lam)
             r = {
                 "steerer": name,
                 "strength": lam,
                 "in": concept_rate(ci, word),
                 "out": concept_rate(co, word),
+                "gate_in": g_in,
+                "gate_out": g_out,
+                "ppl_in": ppl_in,
+                "ppl_out": ppl_out,
             }
             rows.append(r)
             print(json.dumps(r), f"({time.time() - t0:.0f} s)", flush=True)
@@ -71,7 +144,11 @@ def main() -> None:
     path = args.out / f"{args.sets}.json"
     ran = {r["steerer"] for r in rows}
     kept = [r for r in json.loads(path.read_text()) if r["steerer"] not in ran] if path.exists() else []
-    path.write_text(json.dumps(kept + rows, indent=1))
+    order = ["unsteered", *GRIDS]
+    both = sorted(kept + rows, key=lambda r: (order.index(str(r["steerer"])), float(r["strength"])))
+    path.write_text(json.dumps(both, indent=1))
+    (args.out / f"{args.sets}.md").write_text(markdown(both, word))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -330,3 +330,122 @@ def test_prefix_gate_refuses_beam_search_and_survives_save(arch_model, left_tok,
     prefix_steerer.save(tmp_path / "p")
     back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
     assert all(g.scope == "prefix" for g in back.gates.values())
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tok):
+    from conftest import make_tiny_model
+
+    return make_tiny_model("llama", len(tiny_tok))
+
+
+@pytest.fixture(scope="module")
+def pooled_steerer(arch_model, tiny_tok, engine_sets):
+    """scope="below" with a mix of regulators and borrowers: every second steered site gives up its own
+    regulator (what a site under the accuracy threshold gets from `fit`)."""
+    st = dsas.fit(arch_model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below")
+    gates = dict(st.gates)
+    for name in st.steered[1::2]:
+        gates[name] = SiteGate("pooled", None, 0.0, 1.0, "below")
+    return dataclasses.replace(st, gates=gates)
+
+
+def _pooled_reference(model, steerer, enc, lam):
+    """The definition, written out with plain forward hooks: at each steered site in forward order, add its
+    regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h)."""
+    pool: list[torch.Tensor] = []
+    hooks = []
+
+    def make(name):
+        m, g = steerer.maps[name], steerer.gates[name]
+
+        def hook(_mod, _args, out):
+            h = output_tensor(out).double()
+            if g.w is not None:
+                pool.append(h @ g.w.double() + g.b)
+            gate = torch.sigmoid(torch.stack(pool).mean(0))
+            delta = m.shift.double() + (0 if m.scale is None else m.scale.double() * h)
+            y = h + lam * g.mult * gate[..., None] * delta
+            return replace_output(out, y.to(output_tensor(out).dtype))
+
+        return hook
+
+    def reset(_mod, _args, _kwargs):
+        pool.clear()
+
+    hooks.append(model.register_forward_pre_hook(reset, with_kwargs=True))
+    try:
+        for name in steerer.steered:
+            hooks.append(get_module(model, name).register_forward_hook(make(name)))
+        with torch.no_grad():
+            return model(**enc).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_pooled_gate_reads_the_mean_logit_of_the_regulators_below(arch_model, left_tok, pooled_steerer):
+    st = pooled_steerer
+    assert st.gates[st.steered[0]].w is not None and st.gates[st.steered[1]].kind == "pooled"
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    ref = _pooled_reference(arch_model, st, enc, 3.0)
+    with torch.no_grad(), st.apply(arch_model, 3.0):
+        out = arch_model(**enc).logits
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(out[real], arch_model(**enc).logits[real], atol=1e-3)
+
+
+def test_pooled_gate_cached_uncached_rows_alone_zero_strength_and_save(
+    arch_model, left_tok, pooled_steerer, tmp_path
+):
+    st = pooled_steerer
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with st.apply(arch_model, strength=6.0):
+        cached = arch_model.generate(**enc, use_cache=True, **kw)
+        uncached = arch_model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    for i, p in enumerate(PROMPTS):
+        with st.apply(arch_model, strength=6.0):
+            alone = arch_model.generate(**left_tok([p], return_tensors="pt"), **kw)
+        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
+    with torch.no_grad():
+        plain = arch_model(**enc).logits
+        with st.apply(arch_model, strength=0.0):
+            assert torch.equal(arch_model(**enc).logits, plain)
+        with st.apply(arch_model, strength=6.0):
+            steered = arch_model(**enc).logits
+    st.save(tmp_path / "p")
+    back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
+    assert [back.gates[s].kind for s in back.steered] == [st.gates[s].kind for s in st.steered]
+    with torch.no_grad(), back.apply(arch_model, strength=6.0):
+        assert torch.equal(arch_model(**enc).logits, steered)
+
+
+def test_pooled_fit_steers_every_site_from_the_first_regulator_up(llama, tiny_tok, engine_sets):
+    st = dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=0.75, scope="below")
+    active = [s for s in st.site_names if st.stats[s]["active"]]
+    assert active, "the tiny sets should give at least one accurate regulator"
+    first = st.site_names.index(active[0])
+    assert st.steered == st.site_names[first:]
+    for s in st.site_names:
+        g = st.gates[s]
+        assert (g.kind == "sigmoid" and g.scope == "below") if s in active else g.kind == "pooled"
+    with pytest.raises(ValueError, match="inactive='off'"):
+        dsas.DSASConfig(scope="below", inactive="vanilla")
+
+
+def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_sets):
+    """The pooled gate's hook is eager Python state: torch.compile runs it outside the graph (a graph break per
+    pooled site), so compiled results equal eager ones."""
+    st = dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below")
+    enc = tiny_tok(PROMPTS[:1], return_tensors="pt")
+    compiled = torch.compile(llama, backend="eager")
+    with torch.no_grad(), st.apply(llama, 2.0):
+        eager = llama(**enc).logits
+        out = compiled(**enc).logits
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)

@@ -310,8 +310,8 @@ def _gate_none(ctx: FitContext) -> Gates:
 
 def _gate_dsas(ctx: FitContext) -> Gates:
     cfg: DSASConfig = ctx.options["dsas"]
-    if cfg.scope == "prefix" and ctx.data.kind != "text":
-        raise ValueError("scope='prefix' follows a token sequence; for images use scope='token'.")
+    if cfg.scope != "token" and ctx.data.kind != "text":
+        raise ValueError(f"scope={cfg.scope!r} follows a token sequence; for images use scope='token'.")
     pool = "all" if cfg.features == "tokens" else "mean"
     src, ctl = ctx.acts("source", pool), ctx.acts("control", pool)
     gates, steered, stats = {}, [], {}
@@ -321,6 +321,14 @@ def _gate_dsas(ctx: FitContext) -> Gates:
         stats[s.name] = {"active": r.active, **r.stats}
         if r.steered:
             steered.append(s.name)
+    if cfg.scope == "below":
+        # From the first accurate regulator up, every site is steered: accurate ones add their logit to the
+        # pool, the others read it (model order is forward order).
+        first = next((i for i, s in enumerate(ctx.sites) if stats[s.name]["active"]), len(ctx.sites))
+        steered = [s.name for s in ctx.sites[first:]]
+        for s in ctx.sites:
+            if not stats[s.name]["active"]:
+                gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, "below")
     return Gates(gates, steered, stats)
 
 

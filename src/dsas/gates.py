@@ -3,6 +3,8 @@
 * const:   g = mult (1 for vanilla steering).
 * sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector).
 * relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
+* pooled:  g = mult * sigmoid(mean of the logits of the regulators at or below the site) -- a site without a
+           regulator of its own under `DSASConfig.scope="below"`.
 
 The CAST-style threshold baseline decides once per prompt: it lives whole in `dsas.condition`.
 
@@ -28,16 +30,17 @@ from threadpoolctl import threadpool_limits
 from dsas import rule
 from dsas.options import check_fields
 
-GATE_KINDS = ("const", "sigmoid", "relu")
-GATE_SCOPES = ("token", "prefix")
+GATE_KINDS = ("const", "sigmoid", "relu", "pooled")
+GATE_SCOPES = ("token", "prefix", "below")
 
 
 @dataclass
 class SiteGate:
     """g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; or g = mult for kind "const".
 
-    scope "token" reads each token's z; "prefix" reads the mean of w . z over the sequence so far (see
-    `DSASConfig.scope`)."""
+    scope "token" reads each token's z; "prefix" reads the mean of w . z over the sequence so far; "below" reads
+    the mean logit of the regulators at or below the site (see `DSASConfig.scope`). A "pooled" gate has no w:
+    it only reads that mean."""
 
     kind: str = "const"
     w: torch.Tensor | None = None
@@ -50,11 +53,17 @@ class SiteGate:
             raise ValueError(f"gate kind {self.kind!r} is not one of {GATE_KINDS}.")
         if self.scope not in GATE_SCOPES:
             raise ValueError(f"gate scope {self.scope!r} is not one of {GATE_SCOPES}.")
-        if self.kind != "const" and self.w is None:
+        if self.kind == "pooled":
+            if self.scope != "below" or self.w is not None:
+                raise ValueError("a pooled gate has scope 'below' and no weight vector of its own.")
+        elif self.kind != "const" and self.w is None:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
-        """g(z) for z[..., d] -> [...] (fp32), by `dsas.rule.gate`."""
+        """g(z) for z[..., d] -> [...] (fp32), by `dsas.rule.gate`; for scope "below" this site's own
+        regulator (what it adds to the pool)."""
+        if self.kind == "pooled":
+            raise ValueError("a pooled gate reads the regulators below it in a forward pass, not z alone.")
         w = None if self.kind == "const" or self.w is None else self.w.to(z.device)
         return rule.gate(z.float(), w, self.b, self.mult, self.kind == "relu")
 
@@ -84,12 +93,17 @@ class DSASConfig:
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
-    scope: Literal["token", "prefix"] = "token"
+    scope: Literal["token", "prefix", "below"] = "token"
     """What the gate reads at run time. "token": each token's activation (the paper). "prefix": the mean of the
     gate logit over the sequence so far (the prompt's real tokens and every generated token), which is what the
     regulator was trained on (one token-mean per prompt): once the prompt shows the cue, the continuation keeps
     being steered, where a per-token gate closes on every token that does not itself carry the cue. Eager
-    generation only (no beam search, no torch.compile)."""
+    generation only (no beam search, no torch.compile). "below": every site from the first accurate regulator
+    up is steered, each token gated by sigmoid of the mean logit of the accurate regulators at or below the site
+    in the same forward pass (each reading its own site's output). Sites whose own regulator fails
+    `acc_threshold` borrow that pooled gate instead of being switched off, and several regulators agreeing make
+    a sharper decision than one; `inactive` does not apply. Token sequences only; torch.compile runs these sites
+    outside its graphs, and vLLM serving refuses them (a cross-site state the per-site op does not keep)."""
     control_fpr: float | None = None
     """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
     this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets
@@ -111,6 +125,13 @@ class DSASConfig:
             raise ValueError("DSASConfig.acc_threshold must lie in [0.5, 1].")
         if self.temperature <= 0:
             raise ValueError("DSASConfig.temperature must be > 0.")
+        if self.scope not in GATE_SCOPES:
+            raise ValueError(f"DSASConfig.scope={self.scope!r} is not one of {GATE_SCOPES}.")
+        if self.scope == "below" and self.inactive != "off":
+            raise ValueError(
+                "DSASConfig.scope='below' steers sites under the threshold with the pooled gate already; "
+                "leave inactive='off'."
+            )
         if self.control_fpr is not None and not 0 < self.control_fpr < 1:
             raise ValueError(
                 "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."

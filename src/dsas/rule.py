@@ -38,6 +38,9 @@ class SiteParams:
     relu: bool | torch.Tensor = False
     prefix: bool = False
     """The gate reads the running mean of w . z over the sequence (`prefix_logit`), not each token's."""
+    pool: bool = False
+    """The gate reads the mean logit w_k . z_k + b_k of the pooled regulators at or below this site in the
+    forward pass (`DSASConfig.scope="below"`); `w`, `b`, when set, are this site's own contribution."""
 
     @classmethod
     def build(cls, m: Any, g: Any, device: torch.device | str = "cpu") -> SiteParams:
@@ -50,10 +53,20 @@ class SiteParams:
 
         shift = mv(m.shift)
         assert shift is not None
-        w = mv(g.w) if g.kind != "const" else None
-        prefix = w is not None and getattr(g, "scope", "token") == "prefix"
+        w = mv(g.w) if g.kind not in ("const", "pooled") else None
+        scope = getattr(g, "scope", "token")
+        prefix = w is not None and scope == "prefix"
         return cls(
-            shift, mv(m.scale), mv(m.lo), mv(m.hi), w, float(g.b), float(g.mult), g.kind == "relu", prefix
+            shift,
+            mv(m.scale),
+            mv(m.lo),
+            mv(m.hi),
+            w,
+            float(g.b),
+            float(g.mult),
+            g.kind == "relu",
+            prefix,
+            scope == "below",
         )
 
     def on(self, device: torch.device | str) -> SiteParams:
@@ -107,10 +120,13 @@ def gate(
     s: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """g(z) = mult * phi(w . z + b) for z [..., d] -> [...]; `mult` broadcast to z's tokens without w. `s`, when
-    given, replaces w . z (a prefix gate's running mean)."""
-    if w is None:
+    given, replaces w . z (a prefix gate's running mean, a pooled gate's mean logit)."""
+    if w is None and s is None:
         return torch.as_tensor(mult, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
-    s = (logit(z, w) if s is None else s.to(z.dtype)) + b
+    if s is None:
+        assert w is not None
+        s = logit(z, w)
+    s = s.to(z.dtype) + b
     if isinstance(relu, torch.Tensor):
         phi = torch.where(relu, torch.relu(s), torch.sigmoid(s))
     else:

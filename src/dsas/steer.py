@@ -21,7 +21,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -115,6 +115,9 @@ class SteerState:
         """Attention mask of the current pass (past + current tokens), when the model got one."""
         self.carries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         """Per prefix-gated site: the running sums and counts of its gate logit per row."""
+        self.pool: tuple[torch.Tensor, int] | None = None
+        """Scope "below": the sum and count of the pooled regulators' logits [B, T] so far in this pass (the
+        lowest pooled regulator starts it afresh in every pass)."""
         self.packs: list[Any] = []
         self._lam: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._lam_dev: dict[torch.device, torch.Tensor] = {}
@@ -442,7 +445,9 @@ def check_width(site: Site, h: torch.Tensor, dim: int) -> None:
         )
 
 
-def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code: int) -> Any:
+def _site_hook(
+    site: Site, params: SiteParams, state: SteerState, key: int, code: int, first_pool: bool = False
+) -> Any:
     """What runs after a steered site's forward: the rule on its output.
 
     Eager token activations take `rule_folded` (lam * mult folded in at entry, or once per batch size with
@@ -461,6 +466,17 @@ def _site_hook(site: Site, params: SiteParams, state: SteerState, key: int, code
         if p is None:
             p = per_device[dev] = params.on(dev)
         return p
+
+    if params.pool:
+        p_read = replace(params, b=0.0)  # the pooled mean already holds every regulator's bias
+
+        def pool_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
+            h = output_tensor(out, index)
+            check_width(site, h, dim)
+            p = on(h.device)
+            return replace_output(out, _pool_site(name, h, p, p_read, state, first_pool), index)
+
+        return pool_hook
 
     if params.prefix:  # its own hook: the common one stays free of the check (a guard per site when compiled)
 
@@ -525,6 +541,36 @@ def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -
     return y if h.dim() == 3 else y[:, 0]
 
 
+def _pool_site(
+    name: str, h: torch.Tensor, p: SiteParams, p_read: SiteParams, state: SteerState, first: bool
+) -> torch.Tensor:
+    """Scope "below": add this site's regulator logit (if it has one) to the pass's pool, then the rule with
+    each token's logit replaced by the pool's mean."""
+    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
+        raise ValueError(
+            f"Site {name} has a pooled gate (scope='below'), which runs eagerly on token sequences only: refit "
+            "with scope='token' for torch.compile or image sites."
+        )
+    x = h if h.dim() == 3 else h[:, None]
+    if p.w is not None:
+        s = logit(x.float(), p.w) + float(p.b)
+        if first or state.pool is None or state.pool[0].shape != s.shape:
+            state.pool = (s, 1)
+        else:
+            state.pool = (state.pool[0] + s, state.pool[1] + 1)
+    elif state.pool is None or state.pool[0].shape != x.shape[:2]:
+        raise RuntimeError(
+            f"Site {name} reads the pooled gate of the regulators below it, but none ran before it in this "
+            "forward pass: the sites must run in model order."
+        )
+    y, a = rule(
+        x, replace(p_read, w=None), state.lam_for(x.shape[0], h.device), state.pool[0] / state.pool[1]
+    )
+    if state.trace is not None:
+        state.trace.add(name, a)
+    return y if h.dim() == 3 else y[:, 0]
+
+
 def track_positions(model: nn.Module, state: SteerState) -> Wrapped:
     """Wrap the model's forward so the block knows where each pass's tokens start (cache length) and its mask:
     the trace aligns scales with positions, prefix gates carry their running state across decode steps."""
@@ -562,6 +608,7 @@ def steering(
         state.packs, codes = pack_sites(list(params))
         key = id(model)
         ACTIVE[key] = state
-        for s, mod, p, code in zip(sites, mods, params, codes, strict=True):
-            wrappers.append(wrap_forward(mod, _site_hook(s, p, state, key, code)))
+        first = next((i for i, p in enumerate(params) if p.pool and p.w is not None), -1)
+        for i, (s, mod, p, code) in enumerate(zip(sites, mods, params, codes, strict=True)):
+            wrappers.append(wrap_forward(mod, _site_hook(s, p, state, key, code, i == first)))
         yield state.trace if state.trace is not None else Trace()

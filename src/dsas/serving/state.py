@@ -86,10 +86,15 @@ def load_steerers(
                 )
             prefix = [s for s in st.steered if getattr(st.gates[s], "scope", "token") != "token"]
             if prefix:
+                scope = getattr(st.gates[prefix[0]], "scope", "?")
+                what = (
+                    "the running mean over the sequence (scope='prefix'), a per-sequence state"
+                    if scope == "prefix"
+                    else "the pooled logits of the sites below them (scope='below'), a cross-site state"
+                )
                 raise ValueError(
-                    f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
-                    "sequence (scope='prefix'), a per-sequence state the per-token serving op does not keep; "
-                    "refit with scope='token'"
+                    f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read {what} the per-token "
+                    "serving op does not keep; refit with scope='token'"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
