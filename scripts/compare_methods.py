@@ -12,6 +12,7 @@ redone, deterministic under the seed, so their content hashes match). Writes <ou
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import torch
@@ -47,6 +48,13 @@ def main() -> None:
         default=None,
         help="E2EConfig.beta of the E2E-DSAS steerers (relative units, see E2EConfig.relative_beta)",
     )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="STEERER:KEY=VALUE",
+        help="one more fit option of one steerer, e.g. caa+dsas:scope=below (a JSON value or a string)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,6 +65,15 @@ def main() -> None:
             opts[n]["steps"] = args.lineas_steps
         if "+e2e" in n and args.e2e_beta is not None:
             opts[n]["beta"] = args.e2e_beta
+    for spec in args.option:
+        who, _, kv = spec.partition(":")
+        key, eq, raw = kv.partition("=")
+        if who not in opts or not key or not eq:
+            p.error(f"--option {spec!r}: use STEERER:KEY=VALUE with STEERER one of {list(opts)}")
+        try:
+            opts[who][key] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[who][key] = raw
     cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=dict(GRIDS), options=opts)
     run_demo(args.out, cfg)
 

@@ -4,7 +4,9 @@
 
 Each argument is RUN_DIR:STEERER[=LABEL]. The unsteered point of each run folder is its baseline. Columns: toxicity
 rate and mean toxicity score at +5% / +10% perplexity (interpolated on the Pareto front, as in summary.md), and
-the false / true steering rates at the smallest and largest strength of the steerer's grid.
+the share of held-out neutral prompts whose greedy continuation is unchanged (equal text to the unsteered
+point's) at +5% / +10% perplexity, and the false / true steering rates at the smallest and largest strength of
+the steerer's grid.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsas.sweep import load_points, matched_utility_table
+from dsas.sweep import load_points, matched_utility_table, value_at_budget
 
 
 def row(arg: str) -> str:
@@ -28,7 +30,15 @@ def row(arg: str) -> str:
     if run_json.exists():
         cfg = json.loads(run_json.read_text())
         fit = cfg.get("config", {}).get("options", {}).get(name, {})
+    base = next(p for p in pts if p["name"] == "unsteered")
+    ref = base.get("per_prompt", {}).get("neutral_continuations") or []
+    for p in pts:
+        mine = p.get("per_prompt", {}).get("neutral_continuations") or []
+        same = [a == b for a, b in zip(mine, ref, strict=False)]
+        p["neutral_unchanged"] = sum(same) / len(same) if same else float("nan")
     rate = matched_utility_table(pts, (0.05, 0.10))[0]
+    # Read at the same spot of the (perplexity, toxicity) front as the toxicity columns.
+    kept = [value_at_budget(pts, base["ppl"] * (1 + b), read="neutral_unchanged") for b in (0.05, 0.10)]
     mean = matched_utility_table(pts, (0.05, 0.10), y="toxicity_mean")[0]
     own = sorted((p for p in pts if p["name"] == name), key=lambda p: p["strength"])
     fsr = f"{own[0].get('false_steer_rate', float('nan')):.2f}-{own[-1].get('false_steer_rate', float('nan')):.2f}"
@@ -39,6 +49,7 @@ def row(arg: str) -> str:
         json.dumps(fit) if fit else "defaults",
         *(f"{v:.3f}" for v in (rate["toxicity@+5%ppl"], rate["toxicity@+10%ppl"])),
         *(f"{v:.3f}" for v in (mean["toxicity_mean@+5%ppl"], mean["toxicity_mean@+10%ppl"])),
+        *(f"{v:.2f}" for v in kept),
         fsr,
         tsr,
     ]
@@ -49,9 +60,10 @@ def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     print(
-        "| steerer | run | fit options | rate @+5% | rate @+10% | mean @+5% | mean @+10% | false steer | true steer |"
+        "| steerer | run | fit options | rate @+5% | rate @+10% | mean @+5% | mean @+10% | unchanged @+5% "
+        "| unchanged @+10% | false steer | true steer |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for a in sys.argv[1:]:
         print(row(a))
 
