@@ -468,13 +468,11 @@ def _site_hook(
         return p
 
     if params.pool:
-        p_read = replace(params, b=0.0)  # the pooled mean already holds every regulator's bias
 
         def pool_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
             h = output_tensor(out, index)
             check_width(site, h, dim)
-            p = on(h.device)
-            return replace_output(out, _pool_site(name, h, p, p_read, state, first_pool), index)
+            return replace_output(out, _pool_site(name, h, on(h.device), state, first_pool), index)
 
         return pool_hook
 
@@ -541,9 +539,7 @@ def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -
     return y if h.dim() == 3 else y[:, 0]
 
 
-def _pool_site(
-    name: str, h: torch.Tensor, p: SiteParams, p_read: SiteParams, state: SteerState, first: bool
-) -> torch.Tensor:
+def _pool_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState, first: bool) -> torch.Tensor:
     """Scope "below": add this site's regulator logit (if it has one) to the pass's pool, then the rule with
     each token's logit replaced by the pool's mean."""
     if torch.compiler.is_compiling() or h.dim() not in (2, 3):
@@ -563,9 +559,9 @@ def _pool_site(
             f"Site {name} reads the pooled gate of the regulators below it, but none ran before it in this "
             "forward pass: the sites must run in model order."
         )
-    y, a = rule(
-        x, replace(p_read, w=None), state.lam_for(x.shape[0], h.device), state.pool[0] / state.pool[1]
-    )
+    # The pooled mean already holds every regulator's bias: the rule reads it as the logit, with b = 0.
+    read = replace(p, w=None, b=0.0)
+    y, a = rule(x, read, state.lam_for(x.shape[0], h.device), state.pool[0] / state.pool[1])
     if state.trace is not None:
         state.trace.add(name, a)
     return y if h.dim() == 3 else y[:, 0]

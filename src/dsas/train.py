@@ -465,15 +465,15 @@ def train_maps(
         with torch.no_grad():
             # Centre of the parametrisation: the mean source token-mean of every site.
             rec = tr.forward(src, "off")
+            src_means = []
             for i in range(len(sites)):
                 means = [
                     (r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)
                 ]
-                tr.center[i] = torch.cat(means).mean(0)
+                src_means.append(torch.cat(means))
+                tr.center[i] = src_means[-1].mean(0)
             if ctl is not None and e2e.relative_beta:
-                retain_unit = _retain_unit(
-                    rec, src, tr.center, targets, target_means, [s.name for s in sites]
-                )
+                retain_unit = _retain_unit(src_means, targets, [target_means[s.name] for s in sites])
             if ctl is not None:
                 tr.reference = tr.forward(ctl, "off")  # unsteered control activations, once
                 for i, s in enumerate(sites):
@@ -524,22 +524,14 @@ def train_maps(
 
 
 def _retain_unit(
-    rec: list[list[torch.Tensor]],
-    src: _Batch,
-    center: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    target_means: dict[str, torch.Tensor],
-    names: list[str],
+    src_means: list[torch.Tensor], targets: list[torch.Tensor], target_means: list[torch.Tensor]
 ) -> float:
-    """W2(init) / D (`E2EConfig.relative_beta`): the Wasserstein term of the unsteered source token-means, over
-    the summed norm of the mean source -> target displacement."""
+    """W2(init) / D (`E2EConfig.relative_beta`): the Wasserstein term of the unsteered source token-means (per
+    site [n, d]) against the sorted targets, over the summed norm of the mean source -> target displacement."""
     w2 = dist = 0.0
-    for i, name in enumerate(names):
-        means = torch.cat(
-            [(r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)]
-        )
-        w2 += float(w2_sorted(means.float(), targets[i]))
-        dist += float(torch.linalg.vector_norm(target_means[name].float().mean(0).to(center[i]) - center[i]))
+    for x, t_sorted, t in zip(src_means, targets, target_means, strict=True):
+        w2 += float(w2_sorted(x.float(), t_sorted))
+        dist += float(torch.linalg.vector_norm(t.float().mean(0).to(x.device) - x.float().mean(0)))
     if not (math.isfinite(w2) and math.isfinite(dist)) or dist <= 0 or w2 <= 0:
         return 1.0  # source and target coincide: nothing to transport, nothing to rescale
     return w2 / dist
