@@ -1,7 +1,10 @@
-"""Concept induction with different gates, quickly: CAA vs CAA + DSAS (per-token gate) vs CAA + DSAS with
-`scope="prefix"` (the gate reads the running mean of its logit over the sequence), on one concept set.
+"""Concept induction with different gates, quickly: CAA, CAA + DSAS with each gate scope ("token": the paper's
+per-site gate; "prefix": the running mean of its logit over the sequence; "below": the pooled logits of the
+regulators at or below each site) and a few other options, on one concept set (docs/concepts.md).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/concept_gates.py --sets concept     # pear / fruit, ~10 min on CPU
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/concept_gates.py --sets concept --only caa caa+dsas "caa+dsas(below)"
+
+~50-70 s per strength on 2 CPU cores (about 15 min for those three steerers); without --only it runs them all.
 
 Prints, per steerer and strength, the share of held-out in-category and out-of-category continuations (40 each,
 24 greedy tokens) that contain the concept word; for gated steerers the mean gate g (over steered sites) on the
