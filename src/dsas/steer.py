@@ -467,23 +467,25 @@ def _site_hook(
             p = per_device[dev] = params.on(dev)
         return p
 
-    if params.pool:
+    if (
+        params.prefix or params.pool
+    ):  # their own hook: the common one stays free of the check (a guard per site
+        # when compiled). A pooled site reads the pool's mean as its logit, which already holds every
+        # regulator's bias: it applies the rule with b = 0 (made once per device).
+        reads: dict[torch.device, SiteParams] = {}
 
-        def pool_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
+        def sequence_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
             h = output_tensor(out, index)
             check_width(site, h, dim)
-            return replace_output(out, _pool_site(name, h, on(h.device), state, first_pool), index)
+            p = on(h.device)
+            if params.prefix:
+                return replace_output(out, _prefix_site(name, h, p, state), index)
+            read = reads.get(h.device)
+            if read is None:
+                read = reads[h.device] = replace(p, b=0.0)
+            return replace_output(out, _pool_site(name, h, p, read, state, first_pool), index)
 
-        return pool_hook
-
-    if params.prefix:  # its own hook: the common one stays free of the check (a guard per site when compiled)
-
-        def prefix_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
-            h = output_tensor(out, index)
-            check_width(site, h, dim)
-            return replace_output(out, _prefix_site(name, h, on(h.device), state), index)
-
-        return prefix_hook
+        return sequence_hook
 
     def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
         h = output_tensor(out, index)
@@ -513,16 +515,32 @@ def _site_hook(
     return hook
 
 
+def _token_sequence(name: str, h: torch.Tensor, what: str) -> torch.Tensor:
+    """h as [B, T, d] for a gate that keeps state along the sequence (or across sites): eager token activations
+    only."""
+    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
+        raise ValueError(
+            f"Site {name} has {what}, which runs eagerly on token sequences only: refit with scope='token' for "
+            "torch.compile or image sites."
+        )
+    return h if h.dim() == 3 else h[:, None]
+
+
+def _rule_with_logits(
+    name: str, h: torch.Tensor, x: torch.Tensor, p: SiteParams, state: SteerState, s: torch.Tensor
+) -> torch.Tensor:
+    """The rule on x = `_token_sequence(h)` with each token's gate logit replaced by s [B, T], in h's shape."""
+    y, a = rule(x, p, state.lam_for(x.shape[0], h.device), s)
+    if state.trace is not None:
+        state.trace.add(name, a)
+    return y if h.dim() == 3 else y[:, 0]
+
+
 def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -> torch.Tensor:
     """A prefix-scope gate: the rule with each token's logit replaced by its running mean over the sequence,
     carried across the passes of one sequence (prefill, then every cached decode step)."""
-    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
-        raise ValueError(
-            f"Site {name} has a prefix-scope gate, which runs eagerly on token sequences only: refit with "
-            "scope='token' for torch.compile or image sites."
-        )
+    x = _token_sequence(name, h, "a prefix-scope gate")
     assert p.w is not None
-    x = h if h.dim() == 3 else h[:, None]
     b, t = x.shape[:2]
     carry = state.carries.get(name)
     if carry is None or carry[0].shape[0] != b:
@@ -533,21 +551,15 @@ def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -
         zero = torch.zeros(b, device=h.device)
         carry = (zero, zero)
     s, state.carries[name] = prefix_logit(logit(x.float(), p.w), state.real_tokens(b, t, h.device), carry)
-    y, a = rule(x, p, state.lam_for(b, h.device), s)
-    if state.trace is not None:
-        state.trace.add(name, a)
-    return y if h.dim() == 3 else y[:, 0]
+    return _rule_with_logits(name, h, x, p, state, s)
 
 
-def _pool_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState, first: bool) -> torch.Tensor:
-    """Scope "below": add this site's regulator logit (if it has one) to the pass's pool, then the rule with
-    each token's logit replaced by the pool's mean."""
-    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
-        raise ValueError(
-            f"Site {name} has a pooled gate (scope='below'), which runs eagerly on token sequences only: refit "
-            "with scope='token' for torch.compile or image sites."
-        )
-    x = h if h.dim() == 3 else h[:, None]
+def _pool_site(
+    name: str, h: torch.Tensor, p: SiteParams, read: SiteParams, state: SteerState, first: bool
+) -> torch.Tensor:
+    """Scope "below": add this site's regulator logit w . z + b (if it has one) to the pass's pool, then the rule
+    (`read`: p with b = 0) with each token's logit replaced by the pool's mean."""
+    x = _token_sequence(name, h, "a pooled gate (scope='below')")
     if p.w is not None:
         s = logit(x.float(), p.w) + float(p.b)
         if first or state.pool is None or state.pool[0].shape != s.shape:
@@ -559,12 +571,7 @@ def _pool_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState, fir
             f"Site {name} reads the pooled gate of the regulators below it, but none ran before it in this "
             "forward pass: the sites must run in model order."
         )
-    # The pooled mean already holds every regulator's bias: the rule reads it as the logit, with b = 0.
-    read = replace(p, w=None, b=0.0)
-    y, a = rule(x, read, state.lam_for(x.shape[0], h.device), state.pool[0] / state.pool[1])
-    if state.trace is not None:
-        state.trace.add(name, a)
-    return y if h.dim() == 3 else y[:, 0]
+    return _rule_with_logits(name, h, x, read, state, state.pool[0] / state.pool[1])
 
 
 def track_positions(model: nn.Module, state: SteerState) -> Wrapped:
