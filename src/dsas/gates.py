@@ -110,23 +110,13 @@ class DSASConfig:
     g > 0.5. None keeps the paper's midpoint; `offset` is added on top."""
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        choices = {
-            "acc_mode": ("cv", "train", "holdout"),
-            "features": ("mean", "tokens"),
-            "inactive": ("off", "vanilla", "keep"),
-        }
-        for k, allowed in choices.items():
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"DSASConfig.{k}={getattr(self, k)!r} is not one of {allowed}.")
+        check_fields(self)  # types, and the Literal choices of acc_mode, features, inactive, scope
         if self.pca_dim < 1:
             raise ValueError("DSASConfig.pca_dim must be >= 1.")
         if not 0.5 <= self.acc_threshold <= 1.0:
             raise ValueError("DSASConfig.acc_threshold must lie in [0.5, 1].")
         if self.temperature <= 0:
             raise ValueError("DSASConfig.temperature must be > 0.")
-        if self.scope not in GATE_SCOPES:
-            raise ValueError(f"DSASConfig.scope={self.scope!r} is not one of {GATE_SCOPES}.")
         if self.scope == "below" and self.inactive != "off":
             raise ValueError(
                 "DSASConfig.scope='below' steers sites under the threshold with the pooled gate already; "
