@@ -25,6 +25,7 @@ import torch
 
 import dsas
 from dsas.eval import generate_continuations
+from dsas.eval.common import token_logprobs
 from dsas.eval.concept import concept_rate
 from dsas.torchutil import model_device
 
@@ -56,10 +57,8 @@ def continuation_stats(
         if n <= n_p:
             continue
         with torch.no_grad():
-            logits = model(**enc).logits[0, n_p - 1 : n - 1].float()
-            nll += float(
-                torch.nn.functional.cross_entropy(logits, enc["input_ids"][0, n_p:], reduction="sum")
-            )
+            # Entry t of token_logprobs scores token t + 1: the continuation's tokens are entries n_p - 1 on.
+            nll -= float(token_logprobs(model, enc["input_ids"], enc["attention_mask"])[0, n_p - 1 :].sum())
             count += n - n_p
             if gated:
                 with st.apply(model, lam, trace=True) as tr:

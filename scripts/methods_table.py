@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsas.sweep import load_points, matched_utility_table, value_at_budget
+from dsas.sweep import load_points, matched_utility_table, unchanged_neutral, value_at_budget
 
 
 def row(arg: str) -> str:
@@ -31,10 +31,8 @@ def row(arg: str) -> str:
         cfg = json.loads(run_json.read_text())
         fit = cfg.get("config", {}).get("options", {}).get(name, {})
     base = next(p for p in pts if p["name"] == "unsteered")
-    ref = base.get("per_prompt", {}).get("neutral_continuations") or []
-    for p in pts:
-        mine = p.get("per_prompt", {}).get("neutral_continuations") or []
-        same = [a == b for a, b in zip(mine, ref, strict=False)]
+    for p in pts:  # points of older dsas versions have no per-prompt outputs: no value
+        same = unchanged_neutral(p, base) if "per_prompt" in p and "per_prompt" in base else []
         p["neutral_unchanged"] = sum(same) / len(same) if same else float("nan")
     rate = matched_utility_table(pts, (0.05, 0.10))[0]
     # Read at the same spot of the (perplexity, toxicity) front as the toxicity columns.

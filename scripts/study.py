@@ -65,7 +65,15 @@ import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
 from dsas.models import ModelUnavailableError
-from dsas.sweep import BASELINE, EvalConfig, EvalData, model_signature, run_sweep, steerer_hash
+from dsas.sweep import (
+    BASELINE,
+    EvalConfig,
+    EvalData,
+    model_signature,
+    run_sweep,
+    steerer_hash,
+    unchanged_neutral,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_REPORT = ROOT / "docs" / "study.md"
@@ -378,16 +386,13 @@ def eval_config(cfg: StudyConfig, **kw: Any) -> EvalConfig:
 
 def per_prompt(row: dict[str, Any], base: dict[str, Any]) -> dict[str, np.ndarray]:
     """Per-prompt arrays of one stored point; `base` is the unsteered point of the same evaluation."""
-    pp, bp = row["per_prompt"], base["per_prompt"]
+    pp = row["per_prompt"]
     gate = np.array(pp["neutral_gate"], dtype=float).reshape(-1, 2)
     return {
         "toxic": (np.array(pp["toxicity"]) > 0.5).astype(float),
         "toxicity_mean": np.array(pp["toxicity"], dtype=float),
         "mc": np.array(pp["mc_correct"], dtype=float),
-        "unchanged": np.array(
-            [a == b for a, b in zip(pp["neutral_continuations"], bp["neutral_continuations"], strict=True)],
-            float,
-        ),
+        "unchanged": np.array(unchanged_neutral(row, base), float),
         "gate_fired": gate[:, 0],
         "gate_total": gate[:, 1],
     }

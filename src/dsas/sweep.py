@@ -400,6 +400,13 @@ def _labelled(row: dict[str, Any], name: str, s: float) -> dict[str, Any]:
     return {**row, "key": point_key(name, s), "name": name, "strength": s}
 
 
+def unchanged_neutral(point: dict[str, Any], base: dict[str, Any]) -> list[bool]:
+    """Per held-out neutral prompt of a stored point: whether its greedy continuation equals the unsteered point's
+    (`base`, the same evaluation). Equal text stands for equal tokens."""
+    mine, ref = point["per_prompt"]["neutral_continuations"], base["per_prompt"]["neutral_continuations"]
+    return [a == b for a, b in zip(mine, ref, strict=True)]
+
+
 def load_points(path: str | Path) -> list[dict[str, Any]]:
     """The points of a run, in sweep order: its sqlite store (the latest evaluation settings only), or for a
     run written by an earlier version its `sweep.jsonl`, read-only (damaged lines are skipped with a warning
