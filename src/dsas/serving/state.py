@@ -187,9 +187,9 @@ class ServingState:
             rows.append(r)
             lams.append(lam)
         total = int(sum(counts))
-        steered = any(rows)
         used = {r for r in rows if r}
-        self.single_row = used.pop() if len(used) == 1 else -1
+        steered = bool(used)
+        self.single_row = next(iter(used)) if len(used) == 1 else -1
         if total > self.rows.numel():
             raise RuntimeError(f"dsas: a step of {total} tokens exceeds the {self.rows.numel()} allocated")
         if not steered and self.extent == 0:
