@@ -55,6 +55,13 @@ def main() -> None:
         metavar="STEERER:KEY=VALUE",
         help="one more fit option of one steerer, e.g. caa+dsas:scope=below (a JSON value or a string)",
     )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="STEERER=S1,S2,...",
+        help="the strengths swept for one steerer, instead of its default grid",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +81,16 @@ def main() -> None:
             opts[who][key] = json.loads(raw)
         except json.JSONDecodeError:
             opts[who][key] = raw
-    cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=dict(GRIDS), options=opts)
+    grids = dict(GRIDS)
+    for spec in args.grid:
+        who, _, vals = spec.partition("=")
+        try:
+            grids[who] = tuple(float(v) for v in vals.split(","))
+        except ValueError:
+            p.error(f"--grid {spec!r}: use STEERER=S1,S2,... with numbers")
+        if who not in opts:
+            p.error(f"--grid {spec!r}: STEERER must be one of {list(opts)}")
+    cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=grids, options=opts)
     run_demo(args.out, cfg)
 
 

@@ -29,11 +29,15 @@ from dsas.eval.common import token_logprobs
 from dsas.eval.concept import concept_rate
 from dsas.torchutil import model_device
 
+HARD: dict[str, object] = {"floor": 0.5, "control_fpr": 0.05, "calibrate_on": "tokens"}
+"""Hard gates: exactly 0 on all but 5% of the control prompts' tokens."""
 GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa": ("none", {}, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]),
     "caa+dsas": ("dsas", {}, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(prefix)": ("dsas", {"scope": "prefix"}, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(below)": ("dsas", {"scope": "below"}, [1.5, 2.0, 2.5, 3.0]),
+    "caa+dsas(hard)": ("dsas", HARD, [2.0, 4.0, 6.0, 8.0]),
+    "caa+dsas(below,hard)": ("dsas", {"scope": "below", **HARD}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.5)": ("dsas", {"temperature": 0.5}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.25)": ("dsas", {"temperature": 0.25}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(tokens)": ("dsas", {"features": "tokens"}, [2.0, 3.0, 4.0, 6.0]),
@@ -93,7 +97,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/concept_gates"))
     ap.add_argument("--only", nargs="*", choices=list(GRIDS), help="Steerers to run (default: all).")
     ap.add_argument("--strengths", type=float, nargs="*", help="Override every steerer's strength grid.")
+    ap.add_argument(
+        "--steerer",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="One more CAA + DSAS steerer with these fit options, e.g. 'caa+dsas(f)={\"floor\": 0.5}' (its grid is "
+        "--strengths, or caa+dsas's).",
+    )
     args = ap.parse_args()
+    for spec in args.steerer:
+        name, _, raw = spec.partition("=")
+        GRIDS[name] = ("dsas", json.loads(raw), list(GRIDS["caa+dsas"][2]))
+        args.only = [*(args.only or []), name]
     torch.set_num_threads(1)
     model, tok = dsas.load_model(args.model)
     sets = dsas.load_prompt_sets(args.sets, n=32, seed=0)

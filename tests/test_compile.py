@@ -114,3 +114,25 @@ def test_wrap_forward_warns_when_patched_over():
     lin.forward = lambda t: t  # type: ignore[method-assign]
     with pytest.warns(UserWarning, match="replaced again"):
         h.remove()
+
+
+@pytest.mark.usefixtures("single_thread", "dynamo_defaults")
+def test_floored_gates_compile_without_graph_breaks(compiled_setup, engine_sets, tiny_tok):
+    """A gate floor (`DSASConfig.floor`) is one more value of the site's packed row, read inside the graph."""
+    model, _, enc = compiled_setup
+    st = dsas.fit(
+        model,
+        tiny_tok,
+        engine_sets,
+        progress=False,
+        acc_threshold=0.5,
+        floor=0.5,
+        control_fpr=0.3,
+        calibrate_on="tokens",
+    )
+    fwd = torch.compile(model.forward, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.no_grad(), st.apply(model, strength=6.0, trace=True) as tr:
+        eager = model(**enc).logits
+    assert any(bool((a == 0).any()) for a in tr.scales.values())  # the floor closes some gates exactly
+    with torch.no_grad(), st.apply(model, strength=6.0):
+        torch.testing.assert_close(fwd(**enc).logits, eager, rtol=1e-4, atol=1e-4)

@@ -129,3 +129,24 @@ def test_source_equal_to_target_warns_that_nothing_changes(model, tiny_tok, engi
     same = dsas.PromptSets(engine_sets.source, list(engine_sets.source), engine_sets.control)
     with pytest.warns(UserWarning, match="map is zero"):
         dsas.fit(model, tiny_tok, same, gate="none", progress=False)
+
+
+def test_target_prompts_can_join_the_regulators_negatives(model, tiny_tok, engine_sets):
+    """negatives="control+target": the regulator is fitted against control and target prompts alike, so its logit
+    drops on the target (what the source is steered to need not be steered) and it still separates the source."""
+    from dsas.record import record
+
+    kw = dict(progress=False, acc_threshold=0.5, seed=0)
+    plain = dsas.fit(model, tiny_tok, engine_sets, **kw)
+    both = dsas.fit(model, tiny_tok, engine_sets, negatives="control+target", **kw)
+    assert both.config["options"]["dsas"]["negatives"] == "control+target"
+    sites = [s for s in both.sites if s.name in both.steered and s.name in plain.steered]
+    assert sites
+    acts = {
+        k: record(model, tiny_tok, getattr(engine_sets, k), sites, progress=False)
+        for k in ("source", "target")
+    }
+    for s in sites:
+        g0, g1 = plain.gates[s.name], both.gates[s.name]
+        assert g1.value(acts["target"][s.name]).mean() < g0.value(acts["target"][s.name]).mean()
+        assert g1.value(acts["source"][s.name]).mean() > g1.value(acts["target"][s.name]).mean()

@@ -96,6 +96,12 @@ def test_config_validation():
             DSASConfig(**bad)
     with pytest.raises(ValueError, match="needs a weight"):
         SiteGate("sigmoid")
+    with pytest.raises(ValueError, match=r"DSASConfig\.floor"):
+        DSASConfig(floor=1.0)
+    with pytest.raises(ValueError, match="floor"):
+        SiteGate("relu", torch.ones(2), floor=0.5)
+    with pytest.raises(ValueError, match="calibrate_on"):
+        DSASConfig(calibrate_on="prompts")
 
 
 def test_control_fpr_calibrates_the_midpoint_on_the_control_set():
@@ -116,3 +122,28 @@ def test_control_fpr_calibrates_the_midpoint_on_the_control_set():
     weights = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks_ctl])
     on = ((g.value(torch.cat(toks_ctl)) > 0.5).float() * weights).sum() / weights.sum()
     assert abs(float(on) - 0.1) < 0.05  # per-prompt weighted tokens
+
+
+def test_a_floor_with_control_fpr_keeps_the_gate_exactly_shut_on_the_rest_of_the_control_set():
+    """floor + control_fpr=p: the gate is open at all (g > 0) on a fraction p of control examples, exactly 0 on
+    the others; calibrate_on="tokens" counts the control prompts' tokens (weighted per prompt) instead of the
+    token-mean examples the regulator was trained on."""
+    gen = torch.Generator().manual_seed(0)
+    d = 8
+    src = torch.randn(60, d, generator=gen) + 0.8
+    ctl = torch.randn(200, d, generator=gen)
+    g = fit_regulator(src, ctl, DSASConfig(control_fpr=0.1, floor=0.5)).gate
+    assert g.floor == 0.5
+    on = g.value(ctl) > 0
+    assert abs(on.float().mean().item() - 0.1) <= 1 / len(ctl)
+    toks = [torch.randn(int(k), d, generator=gen) * 2 for k in torch.randint(2, 9, (200,), generator=gen)]
+    means = torch.stack([t.mean(0) for t in toks])
+    cfg = DSASConfig(control_fpr=0.1, floor=0.5, calibrate_on="tokens")
+    g = fit_regulator(src, means, cfg, control_tokens=toks).gate
+    weights = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks])
+    on_tok = float(((g.value(torch.cat(toks)) > 0).float() * weights).sum() / weights.sum())
+    assert abs(on_tok - 0.1) < 0.02
+    # Token-mean examples are less spread than single tokens: calibrated on tokens, fewer means pass.
+    assert (g.value(means) > 0).float().mean().item() < 0.05
+    with pytest.raises(ValueError, match="token activations"):
+        fit_regulator(src, means, cfg)

@@ -8,7 +8,7 @@ import torch
 from dsas.rule import SiteParams, displacement, fold, gate, rule, rule_folded
 
 
-def reference(z, lam, shift, scale=None, lo=None, hi=None, w=None, b=0.0, mult=1.0, relu=False):
+def reference(z, lam, shift, scale=None, lo=None, hi=None, w=None, b=0.0, mult=1.0, relu=False, floor=0.0):
     """z' = z + lam * g(z) * Δ(z), one token at a time, in float64."""
     z64 = z.double().contiguous()
     out = torch.empty(z64.shape, dtype=torch.float64)
@@ -25,7 +25,8 @@ def reference(z, lam, shift, scale=None, lo=None, hi=None, w=None, b=0.0, mult=1
             g = mult
         else:
             s = float(x @ w.double()) + b
-            g = mult * (max(s, 0.0) if relu else 1 / (1 + torch.exp(torch.tensor(-s, dtype=torch.float64))))
+            sig = float(1 / (1 + torch.exp(torch.tensor(-s, dtype=torch.float64))))
+            g = mult * (max(s, 0.0) if relu else max(sig - floor, 0.0) / (1 - floor))
         a = float(lam[t // per_row]) * float(g)
         flat_a[t] = a
         flat_out[t] = x + a * delta
@@ -39,22 +40,28 @@ def _params(d, kind, seed=0, support=True):
     if support:
         lo, hi = torch.full((d,), -1.0), torch.full((d,), 1.0)
     w = None if kind == "const" else torch.randn(d, generator=gen) * 0.3
-    return SiteParams(shift, scale, lo, hi, w, 0.3, 0.7, kind == "relu")
+    floor = 0.6 if kind == "floored" else 0.0
+    return SiteParams(shift, scale, lo, hi, w, 0.3, 0.7, kind == "relu", floor=floor)
 
 
-@pytest.mark.parametrize("kind", ["const", "sigmoid", "relu"])
+KINDS = ["const", "sigmoid", "relu", "floored"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_rule_matches_the_reference(kind):
     d = 16
     z = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1))
     p = _params(d, kind)
     lam = torch.tensor([0.5, 2.0])
     y, a = rule(z, p, lam)
-    ry, ra = reference(z, lam, p.shift, p.scale, p.lo, p.hi, p.w, p.b, p.mult, p.relu)
+    ry, ra = reference(z, lam, p.shift, p.scale, p.lo, p.hi, p.w, p.b, p.mult, p.relu, float(p.floor))
+    if kind == "floored":  # some tokens exactly closed, some open
+        assert 0 < int((a == 0).sum()) < a.numel()
     torch.testing.assert_close(a.double(), ra, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["const", "sigmoid", "relu"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("support", [False, True])
 def test_folded_form_equals_the_rule(kind, per_row, support):
@@ -86,8 +93,8 @@ def test_per_token_parameters_serve_a_flattened_batch():
     d, n = 8, 6
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(n, d, generator=gen)
-    slots = [_params(d, k, seed=i) for i, k in enumerate(("sigmoid", "relu", "const"))]
-    which = [0, 1, 2, 0, 2, 1]
+    slots = [_params(d, k, seed=i) for i, k in enumerate(("sigmoid", "relu", "const", "floored"))]
+    which = [0, 1, 2, 3, 2, 3]
     ws = [s.w if s.w is not None else torch.zeros(d) for s in slots]
     bs = [s.b if s.w is not None else 1.0 for s in slots]  # const gate = relu(0 . z + 1) = 1
     relus = [bool(s.relu) or s.w is None for s in slots]
@@ -100,6 +107,7 @@ def test_per_token_parameters_serve_a_flattened_batch():
         torch.tensor([bs[i] for i in which]),
         torch.tensor([slots[i].mult for i in which]),
         torch.tensor([relus[i] for i in which]),
+        floor=torch.tensor([float(slots[i].floor) for i in which]),
     )
     lam = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.0, 4.0])
     y, _ = rule(z, p, lam)
@@ -137,3 +145,14 @@ def test_displacement_and_gate_pieces():
     assert d.tolist() == [[2.0, 0.0]]  # 2 * 0.5 + 1 inside the support, 0 outside
     assert gate(z, None, mult=0.5).tolist() == [0.5]
     assert gate(z, torch.tensor([1.0, 0.0]), -0.5, 2.0, relu=True).tolist() == [0.0]
+
+
+def test_a_floor_closes_the_gate_exactly_and_keeps_a_full_gate_at_one():
+    """g = max(0, (sigmoid - f) / (1 - f)): 0 at and under the floor, 1 stays 1, continuous in between."""
+    w = torch.tensor([1.0])
+    z = torch.tensor([[-3.0], [0.0], [0.40], [1.0], [40.0]])  # sigmoid(0.40) = 0.5987 < 0.6
+    g = gate(z, w, floor=0.6)
+    assert g[:3].tolist() == [0.0, 0.0, 0.0]
+    assert abs(g[-1].item() - 1.0) < 1e-6
+    assert abs(g[3].item() - (torch.sigmoid(torch.tensor(1.0)).item() - 0.6) / 0.4) < 1e-6
+    assert torch.equal(gate(z, w, floor=0.0), torch.sigmoid(z[:, 0]))  # no floor: the paper's sigmoid

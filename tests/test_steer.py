@@ -449,3 +449,54 @@ def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_se
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def floored_steerer(arch_model, tiny_tok, engine_sets):
+    """Hard gates: exactly 0 on all but 30% of the control prompts' tokens."""
+    return dsas.fit(
+        arch_model,
+        tiny_tok,
+        engine_sets,
+        progress=False,
+        acc_threshold=0.5,
+        floor=0.5,
+        control_fpr=0.3,
+        calibrate_on="tokens",
+    )
+
+
+def test_floored_gate_is_exactly_shut_on_some_tokens_and_keeps_every_invariant(
+    arch_model, left_tok, floored_steerer, tmp_path
+):
+    st = floored_steerer
+    assert st.steered and all(st.gates[s].floor == 0.5 for s in st.steered)
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    with torch.no_grad(), st.apply(arch_model, 3.0, trace=True) as tr:
+        traced = arch_model(**enc).logits
+    scales = torch.stack([tr.scales[s] for s in st.steered])[:, real]
+    assert (
+        0 < int((scales == 0).sum()) < scales.numel()
+    )  # some (site, token) pairs exactly untouched, some not
+    with torch.no_grad(), st.apply(arch_model, 3.0):
+        steered = arch_model(**enc).logits  # the folded eager path equals the traced reference
+    torch.testing.assert_close(steered[real], traced[real], rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with st.apply(arch_model, strength=6.0):
+        cached = arch_model.generate(**enc, use_cache=True, **kw)
+        uncached = arch_model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    for i, p in enumerate(PROMPTS):
+        with st.apply(arch_model, strength=6.0):
+            alone = arch_model.generate(**left_tok([p], return_tensors="pt"), **kw)
+        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
+    with torch.no_grad():
+        plain = arch_model(**enc).logits
+        with st.apply(arch_model, strength=0.0):
+            assert torch.equal(arch_model(**enc).logits, plain)
+    st.save(tmp_path / "f")
+    back = dsas.Steerer.load(tmp_path / "f", model=arch_model)
+    assert all(back.gates[s].floor == 0.5 for s in back.steered)
+    with torch.no_grad(), back.apply(arch_model, strength=3.0):
+        assert torch.equal(arch_model(**enc).logits, steered)

@@ -26,6 +26,7 @@ def _sites() -> list[SiteParams]:
             r(), scale=0.1 * r(), lo=-torch.ones(D), hi=torch.ones(D), w=r(), b=-0.2, mult=2.0, relu=True
         ),
         SiteParams(r(), mult=1.0),  # vanilla: constant gate
+        SiteParams(r(), w=r(), b=0.5, mult=1.0, floor=0.6),  # a floored sigmoid: exactly 0 on some tokens
     ]
 
 
@@ -38,8 +39,8 @@ def test_each_token_gets_its_rows_rule_and_row_zero_is_exact():
     sites = _sites()
     vec, sca = _table(sites)
     h = torch.randn(7, D, generator=torch.Generator().manual_seed(1))
-    rows = torch.tensor([0, 1, 2, 3, 1, 0, 3, 0, 0], dtype=torch.int64)  # longer than the step: padding
-    lam = torch.tensor([0.0, 1.0, 4.0, 2.0, 0.5, 0.0, 3.0, 0.0, 0.0])
+    rows = torch.tensor([0, 1, 2, 3, 4, 0, 3, 4, 0], dtype=torch.int64)  # longer than the step: padding
+    lam = torch.tensor([0.0, 1.0, 4.0, 2.0, 0.5, 0.0, 3.0, 2.0, 0.0])
     y = steer(h, rows, lam, vec, sca)
     for t in range(7):
         r = int(rows[t])
@@ -55,7 +56,7 @@ def test_each_token_gets_its_rows_rule_and_row_zero_is_exact():
         Activity.steered = True
 
 
-@pytest.mark.parametrize("row", [1, 2, 3])
+@pytest.mark.parametrize("row", [1, 2, 3, 4])
 def test_a_step_with_one_steerer_takes_the_folded_form(row):
     """When every steered token of a step uses one row (the host says so), the op runs the eager folded rule
     without gathering: the same result as the per-token rule, unsteered tokens (strength 0) bit for bit."""
@@ -74,6 +75,7 @@ def test_a_step_with_one_steerer_takes_the_folded_form(row):
     assert torch.equal(y[[1, 4]], h[[1, 4]])
     p = row_params(vec, sca, row)
     assert (p.w is None) == (row == 3) and (p.scale is None) == (row != 2) and (p.lo is None) == (row != 2)
+    assert p.floor == pytest.approx(0.6 if row == 4 else 0.0)
 
 
 def test_fill_says_when_one_steerer_serves_the_step():

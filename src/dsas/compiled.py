@@ -18,20 +18,22 @@ from dsas.rule import SiteParams
 
 @dataclass
 class Pack:
-    """The parameters of every site of one (device, width) in one fp32 tensor [sites, 5 d + 2]: per row shift, w,
-    scale, lo, hi, then b and mult. The hooks slice their row inside the graph; nothing is copied eagerly."""
+    """The parameters of every site of one (device, width) in one fp32 tensor [sites, 5 d + 3]: per row shift, w,
+    scale, lo, hi, then b, mult and floor. The hooks slice their row inside the graph; nothing is copied eagerly."""
 
     t: torch.Tensor
     d: int
 
 
-SCALE, SUPPORT, GATE, RELU = 1, 2, 4, 8
+SCALE, SUPPORT, GATE, RELU, FLOOR = 1, 2, 4, 8, 16
+ROW = 5
+"""Bits of flags under the row index in a site's code."""
 
 
 def unpack(packs: list[Pack], code: int) -> SiteParams:
-    """The parameters of one site as views of its pack row; `code` = pack << 32 | row << 4 | flags."""
+    """The parameters of one site as views of its pack row; `code` = pack << 32 | row << ROW | flags."""
     pk = packs[code >> 32]
-    r, d = pk.t[(code >> 4) & 0xFFFFFFF], pk.d
+    r, d = pk.t[(code >> ROW) & 0x7FFFFFF], pk.d
     return SiteParams(
         shift=r[:d],
         scale=r[2 * d : 3 * d] if code & SCALE else None,
@@ -41,6 +43,7 @@ def unpack(packs: list[Pack], code: int) -> SiteParams:
         b=r[5 * d],
         mult=r[5 * d + 1],
         relu=bool(code & RELU),
+        floor=r[5 * d + 2] if code & FLOOR else 0.0,
     )
 
 
@@ -54,21 +57,22 @@ def pack_sites(params: list[SiteParams | None]) -> tuple[list[Pack], list[int]]:
     packs: list[Pack] = []
     codes = [-1] * len(params)
     for (dev, d), idx in groups.items():
-        t = torch.zeros(len(idx), 5 * d + 2, device=dev)
+        t = torch.zeros(len(idx), 5 * d + 3, device=dev)
         for row, i in enumerate(idx):
             p = params[i]
             assert p is not None
             for k, v in enumerate((p.shift, p.w, p.scale, p.lo, p.hi)):
                 if v is not None:
                     t[row, k * d : (k + 1) * d] = v
-            t[row, 5 * d], t[row, 5 * d + 1] = float(p.b), float(p.mult)
+            t[row, 5 * d], t[row, 5 * d + 1], t[row, 5 * d + 2] = float(p.b), float(p.mult), float(p.floor)
             flags = (
                 (SCALE if p.scale is not None else 0)
                 | (SUPPORT if p.lo is not None else 0)
                 | (GATE if p.w is not None else 0)
                 | (RELU if p.relu else 0)
+                | (FLOOR if float(p.floor) else 0)
             )
-            codes[i] = len(packs) << 32 | row << 4 | flags
+            codes[i] = len(packs) << 32 | row << ROW | flags
         packs.append(Pack(t, d))
     return packs, codes
 

@@ -308,15 +308,29 @@ def _gate_none(ctx: FitContext) -> Gates:
     return Gates({s.name: SiteGate() for s in ctx.sites}, [s.name for s in ctx.sites])
 
 
+def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per site, the activations of several splits as one: rows concatenated, or lists of prompts chained."""
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        k: [t for p in parts for t in p[k]] if isinstance(v, list) else torch.cat([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
+
+
 def _gate_dsas(ctx: FitContext) -> Gates:
     cfg: DSASConfig = ctx.options["dsas"]
     if cfg.scope != "token" and ctx.data.kind != "text":
         raise ValueError(f"scope={cfg.scope!r} follows a token sequence; for images use scope='token'.")
     pool = "all" if cfg.features == "tokens" else "mean"
-    src, ctl = ctx.acts("source", pool), ctx.acts("control", pool)
+    negatives = ["control", "target"] if cfg.negatives == "control+target" else ["control"]
+    src, ctl = ctx.acts("source", pool), _joined([ctx.acts(k, pool) for k in negatives])
+    tok = None
+    if cfg.control_fpr is not None and cfg.calibrate_on == "tokens" and pool == "mean":
+        tok = _joined([ctx.acts(k, "all") for k in negatives])
     gates, steered, stats = {}, [], {}
     for s in ctx.sites:
-        r = fit_regulator(src[s.name], ctl[s.name], cfg, ctx.fit.seed)
+        r = fit_regulator(src[s.name], ctl[s.name], cfg, ctx.fit.seed, None if tok is None else tok[s.name])
         gates[s.name] = r.gate
         stats[s.name] = {"active": r.active, **r.stats}
         if r.steered:
@@ -328,7 +342,7 @@ def _gate_dsas(ctx: FitContext) -> Gates:
         steered = [s.name for s in ctx.sites[first:]]
         for s in ctx.sites:
             if not stats[s.name]["active"]:
-                gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, "below")
+                gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, "below", cfg.floor)
     return Gates(gates, steered, stats)
 
 

@@ -1,7 +1,8 @@
 """Gates ("when"): the per-site, per-token factor g_l(z) in z' = z + lam * g_l(z) * Δ_l(z).
 
 * const:   g = mult (1 for vanilla steering).
-* sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector).
+* sigmoid: g = mult * sigmoid(w . z + b)   -- the DSAS regulator, folded (PCA -> LR collapses to one vector);
+           with a floor f, mult * max(0, (sigmoid - f) / (1 - f)) (`DSASConfig.floor`).
 * relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
 * pooled:  g = mult * sigmoid(mean of the logits of the regulators at or below the site) -- a site without a
            regulator of its own under `DSASConfig.scope="below"`.
@@ -47,6 +48,8 @@ class SiteGate:
     b: float = 0.0
     mult: float = 1.0
     scope: str = "token"
+    floor: float = 0.0
+    """A sigmoid (or pooled) gate reads max(0, (sigmoid - floor) / (1 - floor))."""
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
@@ -58,6 +61,8 @@ class SiteGate:
                 raise ValueError("a pooled gate has scope 'below' and no weight vector of its own.")
         elif self.kind != "const" and self.w is None:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
+        if not 0 <= self.floor < 1 or (self.floor and self.kind not in ("sigmoid", "pooled")):
+            raise ValueError(f"gate floor {self.floor!r}: a sigmoid or pooled gate's floor lies in [0, 1).")
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """g(z) for z[..., d] -> [...] (fp32), by `dsas.rule.gate`; for scope "below" this site's own
@@ -65,7 +70,7 @@ class SiteGate:
         if self.kind == "pooled":
             raise ValueError("a pooled gate reads the regulators below it in a forward pass, not z alone.")
         w = None if self.kind == "const" or self.w is None else self.w.to(z.device)
-        return rule.gate(z.float(), w, self.b, self.mult, self.kind == "relu")
+        return rule.gate(z.float(), w, self.b, self.mult, self.kind == "relu", floor=self.floor)
 
 
 @dataclass
@@ -107,7 +112,19 @@ class DSASConfig:
     control_fpr: float | None = None
     """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
     this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets
-    g > 0.5. None keeps the paper's midpoint; `offset` is added on top."""
+    g > 0.5 -- or, with a `floor`, g > 0 at all. None keeps the paper's midpoint; `offset` is added on top."""
+    calibrate_on: Literal["examples", "tokens"] = "examples"
+    """What `control_fpr` counts: the regulator's training examples, or the control prompts' tokens, each read
+    alone as the gate reads them at run time (weighted 1/K per prompt)."""
+    negatives: Literal["control", "control+target"] = "control"
+    """The regulator's negative class. "control" is the paper's. "control+target" adds the target prompts: where
+    the target rewrites the source (a detox pair: same topic, same person, polite), the regulator then learns
+    what is to be removed rather than what source and control happen to differ by besides it (on the toxicity
+    sets, a per-token gate trained on control alone opens on every "you" and "I"). Not for concept induction,
+    where the target is the source about the concept and must not be told apart from it."""
+    floor: float = 0.0
+    """Gate values under this are exactly 0: g = max(0, (sigmoid - floor) / (1 - floor)), so a fully open gate
+    is still 1 but a barely open one leaves the activation bit for bit as it was. 0 is the paper's sigmoid."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, and the Literal choices of acc_mode, features, inactive, scope
@@ -122,6 +139,8 @@ class DSASConfig:
                 "DSASConfig.scope='below' steers sites under the threshold with the pooled gate already; "
                 "leave inactive='off'."
             )
+        if not 0 <= self.floor < 1:
+            raise ValueError("DSASConfig.floor must lie in [0, 1).")
         if self.control_fpr is not None and not 0 < self.control_fpr < 1:
             raise ValueError(
                 "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."
@@ -219,11 +238,13 @@ def fit_regulator(
     control: torch.Tensor | list[torch.Tensor],
     cfg: DSASConfig,
     seed: int = 0,
+    control_tokens: list[torch.Tensor] | None = None,
 ) -> RegulatorFit:
     """Fit the DSAS regulator of one site.
 
     source/control: token-mean activations [n, d] (features="mean"), or lists of per-prompt token activations
-    [K_i, d] (features="tokens").
+    [K_i, d] (features="tokens"). control_tokens: the control prompts' token activations, for
+    `cfg.calibrate_on="tokens"` with features="mean".
     """
     groups = w = None
     if isinstance(source, list) or isinstance(control, list):
@@ -242,13 +263,21 @@ def fit_regulator(
         pipe = fit_pipeline(X, y, w, cfg.pca_dim, cfg.C)
     wv, b = fold_pipeline(pipe)
     if cfg.control_fpr is not None:
-        b -= _upper_quantile(X[y == 0] @ wv + b, None if w is None else w[y == 0], cfg.control_fpr)
+        Xc, wc = X[y == 0], None if w is None else w[y == 0]
+        if cfg.calibrate_on == "tokens" and w is None:
+            if control_tokens is None:
+                raise ValueError("calibrate_on='tokens' needs the control prompts' token activations.")
+            Xc = torch.cat(control_tokens).double().numpy()
+            wc = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in control_tokens])
+        # The quantile lands where the gate opens: g = 0.5 (no floor) or g = 0 (the floor).
+        zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
+        b -= _upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - zero
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
     active = acc >= cfg.acc_threshold
     mult = 1.0
     if cfg.soft:
         mult = float(np.clip((acc - 0.5) / max(cfg.acc_threshold - 0.5, 1e-9), 0.0, 1.0))
-    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult, cfg.scope)
+    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult, cfg.scope, cfg.floor)
     if not active and cfg.inactive == "vanilla":
         gate = SiteGate("const", None, 0.0, 1.0)
     pca = pipe.named_steps["pca"]

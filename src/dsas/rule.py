@@ -1,7 +1,8 @@
 """The steering rule, written once:   z' = z + lam * g(z) * Δ(z),   Δ(z) = T(z) - z,   per token.
 
 * Δ(z) = scale ⊙ z + shift, zero outside [lo, hi] where a support is set (every method's map, `dsas.maps`);
-* g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; g = mult when there is no w (`dsas.gates`);
+* g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; g = mult when there is no w (`dsas.gates`); a sigmoid
+  gate with a floor f reads max(0, (sigmoid - f) / (1 - f)): exactly 0 where it is barely open, 1 stays 1;
 * lam: one strength per batch row.
 
 `rule` is the reference and the form every traced, compiled, training, diffusion and serving path calls.
@@ -25,7 +26,7 @@ _TENSORS = ("shift", "scale", "lo", "hi", "w")
 class SiteParams:
     """One site's map and gate as the rule reads them. Tensors are [d], or [N, d] per token (serving).
 
-    `b`, `mult` and `relu` are Python scalars, 0-d tensors (compiled path) or [N] tensors (per token)."""
+    `b`, `mult`, `relu` and `floor` are Python scalars, 0-d tensors (compiled path) or [N] tensors (per token)."""
 
     shift: torch.Tensor
     scale: torch.Tensor | None = None
@@ -41,6 +42,8 @@ class SiteParams:
     pool: bool = False
     """The gate reads the mean logit w_k . z_k + b_k of the pooled regulators at or below this site in the
     forward pass (`DSASConfig.scope="below"`); `w`, `b`, when set, are this site's own contribution."""
+    floor: float | torch.Tensor = 0.0
+    """A sigmoid gate reads max(0, (sigmoid - floor) / (1 - floor)) (`DSASConfig.floor`)."""
 
     @classmethod
     def build(cls, m: Any, g: Any, device: torch.device | str = "cpu") -> SiteParams:
@@ -67,6 +70,7 @@ class SiteParams:
             g.kind == "relu",
             prefix,
             scope == "below",
+            float(getattr(g, "floor", 0.0)),
         )
 
     def on(self, device: torch.device | str) -> SiteParams:
@@ -118,19 +122,24 @@ def gate(
     mult: float | torch.Tensor = 1.0,
     relu: bool | torch.Tensor = False,
     s: torch.Tensor | None = None,
+    floor: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """g(z) = mult * phi(w . z + b) for z [..., d] -> [...]; `mult` broadcast to z's tokens without w. `s`, when
-    given, replaces w . z (a prefix gate's running mean, a pooled gate's mean logit)."""
+    given, replaces w . z (a prefix gate's running mean, a pooled gate's mean logit). A sigmoid is floored:
+    max(0, (sigmoid - floor) / (1 - floor))."""
     if w is None and s is None:
         return torch.as_tensor(mult, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
     if s is None:
         assert w is not None
         s = logit(z, w)
     s = s.to(z.dtype) + b
+    if not isinstance(relu, torch.Tensor) and relu:
+        return mult * torch.relu(s)
+    phi = torch.sigmoid(s)
+    if isinstance(floor, torch.Tensor) or floor != 0:
+        phi = ((phi - floor) * (1 / (1 - floor))).clamp_min(0)
     if isinstance(relu, torch.Tensor):
-        phi = torch.where(relu, torch.relu(s), torch.sigmoid(s))
-    else:
-        phi = torch.relu(s) if relu else torch.sigmoid(s)
+        phi = torch.where(relu, torch.relu(s), phi)
     return mult * phi
 
 
@@ -149,7 +158,7 @@ def rule(
     if ct != torch.float32:
         p = p.to(ct)
     lam = lam.to(ct).view(-1, *([1] * (z.dim() - 2)))
-    a = lam * gate(z, p.w, p.b, p.mult, p.relu, s)
+    a = lam * gate(z, p.w, p.b, p.mult, p.relu, s, p.floor)
     y = torch.addcmul(z, a.unsqueeze(-1), displacement(z, p.shift, p.scale, p.lo, p.hi)).to(h.dtype)
     return (y.movedim(-1, 1) if chan_first else y), a
 
@@ -168,6 +177,7 @@ class Folded:
     b: torch.Tensor | None
     """The gate bias as a [1] `linear` bias."""
     relu: bool
+    floor: float = 0.0
 
     @property
     def plain(self) -> bool:
@@ -184,7 +194,7 @@ def fold(p: SiteParams, lam: torch.Tensor, ndim: int) -> Folded:
     scale = None if p.scale is None else (k * p.scale).contiguous()
     w = None if p.w is None else p.w.view(1, -1)
     b = None if p.w is None else torch.full((1,), float(p.b), dtype=torch.float32, device=p.shift.device)
-    return Folded(shift, scale, p.lo, p.hi, w, b, bool(p.relu))
+    return Folded(shift, scale, p.lo, p.hi, w, b, bool(p.relu), float(p.floor))
 
 
 def rule_folded(h: torch.Tensor, f: Folded, a: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,6 +213,11 @@ def rule_folded(h: torch.Tensor, f: Folded, a: torch.Tensor | None = None) -> to
         y = z + delta if a is None else torch.addcmul(z, a, delta)
     else:
         g = F.linear(z, f.w, f.b)  # [..., 1]: w . z + b in one addmm
-        g = g.relu_() if f.relu else g.sigmoid_()
+        if f.relu:
+            g = g.relu_()
+        else:
+            g = g.sigmoid_()
+            if f.floor:
+                g = g.sub_(f.floor).clamp_min_(0).mul_(1 / (1 - f.floor))
         y = torch.addcmul(z, g if a is None else g.mul_(a), delta)
     return y if y.dtype == h.dtype else y.to(h.dtype)

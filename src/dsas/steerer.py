@@ -174,7 +174,8 @@ class Steerer:
                     "layer": s.layer,
                     "steered": s.name in self.steered,
                     "gate": {"kind": g.kind, "b": g.b, "mult": g.mult}
-                    | ({"scope": g.scope} if g.scope != "token" else {}),
+                    | ({"scope": g.scope} if g.scope != "token" else {})
+                    | ({"floor": g.floor} if g.floor else {}),
                     "stats": self.stats.get(s.name, {}),
                 }
             )
@@ -204,6 +205,7 @@ class Steerer:
                 float(gk["b"]),
                 float(gk["mult"]),
                 gk.get("scope", "token"),
+                float(gk.get("floor", 0.0)),
             )
             if row["steered"]:
                 steered.append(name)

@@ -3,7 +3,7 @@
 For the flattened tokens of a step h [N, d] it computes `dsas.rule.rule` with every token's parameters gathered
 from per-site tables by a per-token row index:
 
-    vec [R, 5, d]: shift, scale, lo, hi, w       sca [R, 3]: b, mult, relu (0. / 1.)
+    vec [R, 5, d]: shift, scale, lo, hi, w       sca [R, 4]: b, mult, relu (0. / 1.), floor
     rows [max_tokens] (int64): each token's table row     lam [max_tokens]: each token's strength
 
 Row 0 is "unsteered": zero shift and scale, an unbounded support, w = 0, mult = 0, and lam = 0, so the delta is
@@ -29,7 +29,7 @@ import torch
 from dsas.rule import Folded, SiteParams, fold, rule, rule_folded
 
 VEC_FIELDS = ("shift", "scale", "lo", "hi", "w")
-SCA_FIELDS = ("b", "mult", "relu")
+SCA_FIELDS = ("b", "mult", "relu", "floor")
 
 
 _LIB = torch.library.Library("dsas", "DEF")
@@ -96,6 +96,7 @@ def _row(vec: torch.Tensor, sca: torch.Tensor, r: int) -> tuple[SiteParams, Fold
             float(c[0]),
             float(c[1]),
             bool(c[2] > 0),
+            floor=float(c[3]),
         )
         # mult folded once (strength 1); each step's per-token strengths enter `rule_folded` as `a`.
         cached = per_table[r] = (p, fold(p, torch.ones(1, device=vec.device), 2))
@@ -128,8 +129,8 @@ def gathered_rule(
     n = h.shape[0]
     r = rows[:n]
     v = vec[r]  # [N, 5, d]
-    s = sca[r]  # [N, 3]
-    p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], s[:, 0], s[:, 1], s[:, 2] > 0)
+    s = sca[r]  # [N, 4]
+    p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], s[:, 0], s[:, 1], s[:, 2] > 0, floor=s[:, 3])
     y, _ = rule(h, p, lam[:n])
     return y
 
@@ -157,7 +158,7 @@ def unsteered_row(d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row 0 (and any steerer's row at a site it does not steer): an exact zero delta."""
     vec = torch.zeros(5, d)
     vec[2], vec[3] = -torch.inf, torch.inf
-    return vec, torch.tensor([1.0, 0.0, 1.0])
+    return vec, torch.tensor([1.0, 0.0, 1.0, 0.0])
 
 
 def pack_site(p: SiteParams, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +172,6 @@ def pack_site(p: SiteParams, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         vec[2], vec[3] = p.lo.float(), p.hi.float()
     if p.w is not None:
         vec[4] = p.w.float()
-        sca[0], sca[2] = float(p.b), float(bool(p.relu))
+        sca[0], sca[2], sca[3] = float(p.b), float(bool(p.relu)), float(p.floor)
     sca[1] = float(p.mult)
     return vec, sca
