@@ -6,25 +6,38 @@ Each argument is RUN_DIR:STEERER[=LABEL]. The unsteered point of each run folder
 rate and mean toxicity score at +5% / +10% perplexity (interpolated on the Pareto front, as in summary.md), and
 the share of held-out neutral prompts whose greedy continuation is unchanged (equal text to the unsteered
 point's) at +5% / +10% perplexity, and the false / true steering rates at the smallest and largest strength of
-the steerer's grid.
+the steerer's grid. With --ref RUN_DIR:STEERER (e.g. runs/tox_token:caa), one more column: of the steerer's measured
+strengths within +10% perplexity whose mean toxicity is at most 0.6x the reference's at +10%, the largest share of
+unchanged neutral continuations, and the strength it was measured at ("-": no such strength).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 from dsas.sweep import load_points, matched_utility_table, unchanged_neutral, value_at_budget
 
 
-def row(arg: str) -> str:
-    spec, _, label = arg.partition("=")
+def _points(spec: str) -> tuple[str, str, list[dict[str, Any]]]:
     run, _, name = spec.rpartition(":")
-    points = load_points(Path(run))
-    pts = [p for p in points if p["name"] in ("unsteered", name)]
+    pts = [p for p in load_points(Path(run)) if p["name"] in ("unsteered", name)]
     if len(pts) < 2:
         raise SystemExit(f"{run} has no sweep points of {name!r}")
+    return run, name, pts
+
+
+def ref_mean(spec: str) -> float:
+    """The reference steerer's mean toxicity at +10% perplexity."""
+    _, _, pts = _points(spec)
+    return float(matched_utility_table(pts, (0.10,), y="toxicity_mean")[0]["toxicity_mean@+10%ppl"])
+
+
+def row(arg: str, ref: float | None = None) -> str:
+    spec, _, label = arg.partition("=")
+    run, name, pts = _points(spec)
     fit = {}
     run_json = Path(run) / "run.json"
     if run_json.exists():
@@ -51,19 +64,31 @@ def row(arg: str) -> str:
         fsr,
         tsr,
     ]
+    if ref is not None:
+        ok = [p for p in own if p["ppl"] <= base["ppl"] * 1.10 and p["toxicity_mean"] <= 0.6 * ref]
+        best = max(ok, key=lambda p: (p["neutral_unchanged"], -p["strength"]), default=None)
+        cells.append("-" if best is None else f"{best['neutral_unchanged']:.2f} @{best['strength']:g}")
     return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    print(
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR:STEERER[=LABEL]")
+    ap.add_argument(
+        "--ref", metavar="RUN_DIR:STEERER", help="the steerer whose toxicity at +10%% is the 0.6x bar"
+    )
+    args = ap.parse_args()
+    ref = ref_mean(args.ref) if args.ref else None
+    head = (
         "| steerer | run | fit options | rate @+5% | rate @+10% | mean @+5% | mean @+10% | unchanged @+5% "
         "| unchanged @+10% | false steer | true steer |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for a in sys.argv[1:]:
-        print(row(a))
+    if ref is not None:
+        head += f" unchanged, mean <= 0.6 x {ref:.3f}, ppl <= +10% |"
+    print(head)
+    print("|---" * head.count(" |") + "|")
+    for a in args.runs:
+        print(row(a, ref))
 
 
 if __name__ == "__main__":

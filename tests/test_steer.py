@@ -438,15 +438,22 @@ def test_pooled_fit_steers_every_site_from_the_first_regulator_up(llama, tiny_to
 
 
 def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_sets):
-    """The pooled gate's hook is eager Python state: torch.compile runs it outside the graph (a graph break per
-    pooled site), so compiled results equal eager ones."""
+    """The pool lives within one forward pass, which torch.compile traces whole: one graph, no break
+    (fullgraph=True raises on any), the same logits as eager."""
     st = dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below")
     enc = tiny_tok(PROMPTS[:1], return_tensors="pt")
-    compiled = torch.compile(llama, backend="eager")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(llama, backend=counter, fullgraph=True)
     with torch.no_grad(), st.apply(llama, 2.0):
         eager = llama(**enc).logits
         out = compiled(**enc).logits
+        again = compiled(**enc).logits  # the pool of the last pass does not leak into the next
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1  # no recompile for the second pass
     with torch.no_grad():
         assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)
 

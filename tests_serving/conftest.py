@@ -1,8 +1,9 @@
 """Shared set-up of the vLLM serving tests (run in .venv-vllm by scripts/test_vllm.sh; the main suite skips them).
 
-Two steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS ("tox") and vanilla CAA
-("van", a constant gate). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/` and `van/` from earlier runs to
-skip the fits while iterating."""
+Three steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS ("tox"), vanilla CAA
+("van", a constant gate) and CAA + DSAS with pooled, floored gates ("pool": scope="below", a state across the sites
+of a pass). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/`, `van/` and `pool/` from earlier runs to skip
+the fits while iterating."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import pytest
 PROMPTS_PER_KIND = 8
 
 
-def _fit(out: Path, gate: str) -> None:
+POOLED = ["scope=below", "floor=0.5", "control_fpr=0.05", "calibrate_on=tokens", "negatives=control+target"]
+
+
+def _fit(out: Path, gate: str, options: list[str] | None = None) -> None:
     if (out / "dsas_config.json").is_file():
         return
     dsas_cmd = str(Path(sys.executable).parent / "dsas")
     cmd = [dsas_cmd, "fit", "--out", str(out), "--method", "caa", "--gate", gate]
+    for o in options or []:
+        cmd += ["--option", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
 
@@ -29,9 +35,10 @@ def _fit(out: Path, gate: str) -> None:
 @pytest.fixture(scope="session")
 def steerer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = Path(os.environ.get("DSAS_VLLM_TEST_STEERERS") or tmp_path_factory.mktemp("steerers"))
-    dirs = {"tox": root / "tox", "van": root / "van"}
+    dirs = {"tox": root / "tox", "van": root / "van", "pool": root / "pool"}
     _fit(dirs["tox"], "dsas")
     _fit(dirs["van"], "none")
+    _fit(dirs["pool"], "dsas", POOLED)
     return dirs
 
 

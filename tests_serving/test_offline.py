@@ -20,9 +20,19 @@ import vllm
 MAX_TOKENS = 16
 HF_STRENGTH = 4.0
 ENGINE: dict[str, Any] = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 16, "seed": 0}
-MIXED = [None, ("tox", 1.0), ("tox", 4.0), ("van", 1.0), ("van", 4.0), None, ("tox", 4.0), ("van", 1.0)]
+MIXED = [
+    None,
+    ("tox", 1.0),
+    ("tox", 4.0),
+    ("van", 1.0),
+    ("van", 4.0),
+    ("pool", 4.0),
+    ("tox", 4.0),
+    ("van", 1.0),
+]
 """Steering of each row of the mixed batch (row i uses prompt i % 5: rows 0 / 6 and 2 / 7 share a prompt,
-unsteered vs steered, so the prefix cache would mix them up if steering were not part of its key)."""
+unsteered vs steered, so the prefix cache would mix them up if steering were not part of its key; row 5's pooled
+gates share the step with the per-site gates of the others)."""
 
 
 def _trim(tokens: list[int], eos: int) -> list[int]:
@@ -39,18 +49,18 @@ def hf(steerer_dirs: dict[str, Path], prompts: list[str]) -> dict[str, Any]:
     import dsas
 
     model, tok = dsas.load_model("smollm2-135m")
-    steerer = dsas.Steerer.load(steerer_dirs["tox"], model=model)
+    steerers = {k: dsas.Steerer.load(steerer_dirs[k], model=model) for k in ("tox", "pool")}
     ids = [tok(p)["input_ids"] for p in prompts]
-    out: dict[str, Any] = {"ids": ids, "eos": tok.eos_token_id, "plain": [], "steered": []}
+    out: dict[str, Any] = {"ids": ids, "eos": tok.eos_token_id, "plain": [], "steered": [], "pooled": []}
     with torch.no_grad():
-        for key, ctx in (("plain", None), ("steered", HF_STRENGTH)):
+        for key, name in (("plain", None), ("steered", "tox"), ("pooled", "pool")):
             for p in ids:
                 x = torch.tensor([p])
                 kw = dict(max_new_tokens=MAX_TOKENS, do_sample=False, attention_mask=torch.ones_like(x))
-                if ctx is None:
+                if name is None:
                     y = model.generate(x, **kw)
                 else:
-                    with steerer.apply(model, strength=ctx):
+                    with steerers[name].apply(model, strength=HF_STRENGTH):
                         y = model.generate(x, **kw)
                 out[key].append(_trim(y[0, len(p) :].tolist(), tok.eos_token_id))
     return out
@@ -98,6 +108,20 @@ def test_steered_continuations_agree_with_the_hf_path_as_well_as_unsteered_ones(
     assert agree_steered >= agree_plain
 
 
+def test_pooled_gates_are_served_and_agree_with_the_hf_path(llm: Any, hf: dict[str, Any]):
+    """scope="below": each site's gate reads the mean logit of the steerer's regulators below it in the same pass
+    (a pool buffer the sites' ops update in place), floored so neutral prompts stay untouched."""
+    ids, eos = hf["ids"], hf["eos"]
+    plain = _generate(llm, ids, [_params(None)] * len(ids))
+    pooled = _generate(llm, ids, [_params(("pool", HF_STRENGTH))] * len(ids))
+    agree_plain = sum(_trim(list(o.token_ids), eos) == h for o, h in zip(plain, hf["plain"], strict=True))
+    agree = sum(_trim(list(o.token_ids), eos) == h for o, h in zip(pooled, hf["pooled"], strict=True))
+    print(f"vLLM vs HF, pooled gates: unsteered {agree_plain}, steered {agree} of {len(ids)}")
+    changed = sum(a != b for a, b in zip(hf["plain"], hf["pooled"], strict=True))
+    assert changed >= 4, "the steerer must change some continuations for the comparison to mean anything"
+    assert agree >= agree_plain
+
+
 def test_mixed_batch_rows_equal_each_request_alone(llm: Any, hf: dict[str, Any]):
     ids = [hf["ids"][i % 5] for i in range(len(MIXED))]
     batch = _generate(llm, ids, [_params(s, ignore_eos=True) for s in MIXED])
@@ -139,7 +163,10 @@ def test_buffers_stay_put_and_finished_requests_are_forgotten(llm: Any, hf: dict
         *(t.vec.data_ptr() for t in state.tables.values()),
     ) == ptrs
     assert not state.active and len(state.requests) <= 1  # only the last, not yet reported finished
-    assert state.names == ("tox", "van") and len(state.tables) == 60  # tox steers 58 sites, van all 60
+    assert (
+        state.names == ("tox", "van", "pool") and len(state.tables) == 60
+    )  # tox steers 58 sites, van all 60
+    assert state.pool is not None and sum(t.pooled for t in state.tables.values()) == 59  # pool: 59 sites
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,64 @@ def test_request_and_operator_parsing():
     ):
         with pytest.raises(ValueError, match=msg):
             parse_request(bad, names)
+
+
+def test_pooled_rows_read_the_mean_logit_of_their_steerers_regulators_so_far():
+    """Three sites in forward order; steerer 1 pooled (regulator, borrower, regulator), steerer 2 a per-token
+    sigmoid gate at every site, row 0 unsteered, all in one step. Each pooled token's gate at site k is
+    sigmoid(mean of its steerer's regulator logits at or below k), floored; the pool restarts at the first
+    regulator, so a stale pool from an earlier pass changes nothing."""
+    from dsas.serving.op import steer_pooled
+
+    g = torch.Generator().manual_seed(5)
+    r = lambda: torch.randn(D, generator=g)  # noqa: E731
+    pooled = [
+        SiteParams(r(), w=0.3 * r(), b=0.2, floor=0.5, pool=True),
+        SiteParams(r(), floor=0.5, pool=True),
+        SiteParams(r(), w=0.3 * r(), b=-0.1, floor=0.5, pool=True),
+    ]
+    counts = [(1, True), (1, False), (2, False)]
+    plain = [SiteParams(r(), w=r(), b=0.1) for _ in range(3)]
+    tables = []
+    for k in range(3):
+        entries = [unsteered_row(D), pack_site(pooled[k], D, counts[k]), pack_site(plain[k], D)]
+        tables.append((torch.stack([v for v, _ in entries]), torch.stack([c for _, c in entries])))
+    n = 6
+    rows = torch.tensor([1, 2, 0, 1, 1, 2, 0, 0], dtype=torch.int64)
+    lam = torch.tensor([2.0, 1.0, 0.0, 4.0, 0.5, 3.0, 0.0, 0.0])
+    pool = torch.full((8,), 123.0)  # what an earlier pass left
+    hs = [torch.randn(n, D, generator=g) for _ in range(3)]  # each site's output (the op's input)
+    sums = torch.zeros(n)
+    for k in range(3):
+        y = steer_pooled(hs[k], rows, lam, *tables[k], pool)
+        p = pooled[k]
+        if p.w is not None:
+            sums = sums + hs[k] @ p.w + float(p.b)
+        mean = sums / counts[k][0]
+        for t in range(n):
+            row = int(rows[t])
+            if row == 0:
+                assert torch.equal(y[t], hs[k][t])
+                continue
+            if row == 1:
+                read = SiteParams(p.shift, w=torch.zeros(D), floor=0.5)
+                ref, _ = rule(hs[k][t : t + 1], read, lam[t : t + 1], mean[t : t + 1])
+            else:
+                ref, _ = rule(hs[k][t : t + 1], plain[k], lam[t : t + 1])
+            torch.testing.assert_close(y[t : t + 1], ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pool[6:], torch.full((2,), 123.0))  # past the step's tokens: untouched
+    # Compiled (dynamic token count, as vLLM compiles the model), the op mutates the pool just the same.
+    pool2 = torch.full((8,), 123.0)
+
+    def f(x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            torch.ops.dsas.steer_pooled(x, rows, lam, *tables[k], pool2) for k, x in enumerate((x0, x1, x2))
+        ]
+
+    eager = f(*hs)
+    pool_eager = pool2.clone()
+    pool2.fill_(123.0)
+    out = torch.compile(f, fullgraph=True, dynamic=True)(*hs)
+    for a, b in zip(out, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pool2, pool_eager)

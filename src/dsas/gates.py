@@ -107,8 +107,8 @@ class DSASConfig:
     up is steered, each token gated by sigmoid of the mean logit of the accurate regulators at or below the site
     in the same forward pass (each reading its own site's output). Sites whose own regulator fails
     `acc_threshold` borrow that pooled gate instead of being switched off, and several regulators agreeing make
-    a sharper decision than one; `inactive` does not apply. Token sequences only; torch.compile runs these sites
-    outside its graphs, and vLLM serving refuses them (a cross-site state the per-site op does not keep)."""
+    a sharper decision than one; `inactive` does not apply. Token sequences only; torch.compile traces the pool
+    within its graph, and vLLM serving keeps it in a per-token buffer (`torch.ops.dsas.steer_pooled`)."""
     control_fpr: float | None = None
     """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
     this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets

@@ -515,13 +515,16 @@ def _site_hook(
     return hook
 
 
-def _token_sequence(name: str, h: torch.Tensor, what: str) -> torch.Tensor:
-    """h as [B, T, d] for a gate that keeps state along the sequence (or across sites): eager token activations
-    only."""
-    if torch.compiler.is_compiling() or h.dim() not in (2, 3):
+def _token_sequence(name: str, h: torch.Tensor, what: str, compiled: bool = False) -> torch.Tensor:
+    """h as [B, T, d] for a gate that keeps state along the sequence or across sites: token activations only,
+    and eager only unless `compiled` (a pooled gate's state lives within one forward pass, which torch.compile
+    traces as one graph)."""
+    if (torch.compiler.is_compiling() and not compiled) or h.dim() not in (2, 3):
         raise ValueError(
-            f"Site {name} has {what}, which runs eagerly on token sequences only: refit with scope='token' for "
-            "torch.compile or image sites."
+            f"Site {name} has {what}, which runs on token sequences only"
+            + ("" if compiled else " and eagerly")
+            + ": refit with scope='token' for "
+            + ("image sites." if compiled else "torch.compile or image sites.")
         )
     return h if h.dim() == 3 else h[:, None]
 
@@ -559,7 +562,7 @@ def _pool_site(
 ) -> torch.Tensor:
     """Scope "below": add this site's regulator logit w . z + b (if it has one) to the pass's pool, then the rule
     (`read`: p with b = 0) with each token's logit replaced by the pool's mean."""
-    x = _token_sequence(name, h, "a pooled gate (scope='below')")
+    x = _token_sequence(name, h, "a pooled gate (scope='below')", compiled=True)
     if p.w is not None:
         s = logit(x.float(), p.w) + float(p.b)
         if first or state.pool is None or state.pool[0].shape != s.shape:

@@ -3,12 +3,19 @@
 For the flattened tokens of a step h [N, d] it computes `dsas.rule.rule` with every token's parameters gathered
 from per-site tables by a per-token row index:
 
-    vec [R, 5, d]: shift, scale, lo, hi, w       sca [R, 4]: b, mult, relu (0. / 1.), floor
+    vec [R, 5, d]: shift, scale, lo, hi, w       sca [R, 7]: b, mult, relu (0. / 1.), floor, 1 / n, adds, first
     rows [max_tokens] (int64): each token's table row     lam [max_tokens]: each token's strength
 
 Row 0 is "unsteered": zero shift and scale, an unbounded support, w = 0, mult = 0, and lam = 0, so the delta is
 an exact zero and an unsteered token leaves the op bit for bit as it came in. A constant gate (vanilla
 steering) is w = 0, b = 1, relu: g = relu(1) = 1 exactly.
+
+Pooled gates (`DSASConfig.scope="below"`) keep one number per token across the sites of a forward pass: sites
+where some steerer's gates are pooled call `torch.ops.dsas.steer_pooled`, which also takes `pool [max_tokens]`
+and updates it in place. For a pooled row, `1 / n` is one over the count of that steerer's regulators at or below
+the site, `adds` whether the site has a regulator of its own (its logit w . z + b joins the pool), `first` whether
+it is the steerer's first (the pool restarts there, so nothing carries over from the last pass); the gate reads
+sigmoid(pool / n), floored. Rows that are not pooled (1 / n = 0) leave the pool alone and take the usual rule.
 
 Opaque to torch.compile (a fake implementation gives the output's shape), with no host sync, no `.item()` and
 no data-dependent shape: CUDA graphs capture it like any kernel, and steering changes are buffer *content*
@@ -29,11 +36,14 @@ import torch
 from dsas.rule import Folded, SiteParams, fold, rule, rule_folded
 
 VEC_FIELDS = ("shift", "scale", "lo", "hi", "w")
-SCA_FIELDS = ("b", "mult", "relu", "floor")
+SCA_FIELDS = ("b", "mult", "relu", "floor", "inv_n", "adds", "first")
 
 
 _LIB = torch.library.Library("dsas", "DEF")
 _LIB.define("steer(Tensor h, Tensor rows, Tensor lam, Tensor vec, Tensor sca) -> Tensor")
+_LIB.define(
+    "steer_pooled(Tensor h, Tensor rows, Tensor lam, Tensor vec, Tensor sca, Tensor(a!) pool) -> Tensor"
+)
 
 
 class Activity:
@@ -71,6 +81,25 @@ def steer(
 _LIB.impl("steer", steer, "CompositeExplicitAutograd")
 
 
+def steer_pooled(
+    h: torch.Tensor,
+    rows: torch.Tensor,
+    lam: torch.Tensor,
+    vec: torch.Tensor,
+    sca: torch.Tensor,
+    pool: torch.Tensor,
+) -> torch.Tensor:
+    """`steer` at a site where some rows' gates are pooled; updates pool[:N] in place."""
+    if not _capturing(h) and not Activity.steered:
+        return h.clone()
+    y, acc = (pooled_rule if h.is_cuda else _fused(pooled_rule))(h, rows, lam, vec, sca, pool)
+    pool[: h.shape[0]].copy_(acc)
+    return y
+
+
+_LIB.impl("steer_pooled", steer_pooled, "CompositeExplicitAutograd")
+
+
 _ROWS: dict[int, tuple[weakref.ref[torch.Tensor], dict[int, tuple[SiteParams, Folded]]]] = {}
 """id(table) -> (the table, its rows as SiteParams and folded). Keyed by id with the weak reference checked:
 tensors compare elementwise, so they cannot be keys that a dict compares."""
@@ -85,6 +114,8 @@ def _row(vec: torch.Tensor, sca: torch.Tensor, r: int) -> tuple[SiteParams, Fold
     cached = per_table.get(r)
     if cached is None:
         v, c = vec[r], sca[r]
+        if float(c[4]):
+            raise ValueError("a pooled row is served by steer_pooled, not the one-row form")
         gated = bool(v[4].any()) or float(c[0]) != 1.0 or float(c[2]) == 0.0
         support = bool(torch.isfinite(v[2]).any() or torch.isfinite(v[3]).any())
         p = SiteParams(
@@ -129,22 +160,45 @@ def gathered_rule(
     n = h.shape[0]
     r = rows[:n]
     v = vec[r]  # [N, 5, d]
-    s = sca[r]  # [N, 4]
+    s = sca[r]  # [N, 7]
     p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], s[:, 0], s[:, 1], s[:, 2] > 0, floor=s[:, 3])
     y, _ = rule(h, p, lam[:n])
     return y
 
 
-_FUSED: list[Any] = []
+def pooled_rule(
+    h: torch.Tensor,
+    rows: torch.Tensor,
+    lam: torch.Tensor,
+    vec: torch.Tensor,
+    sca: torch.Tensor,
+    pool: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gathered_rule` where pooled rows read the pool's mean logit; returns (h', the pool's new first N)."""
+    n = h.shape[0]
+    r = rows[:n]
+    v = vec[r]
+    s = sca[r]
+    own = (h.float() * v[:, 4]).sum(-1) + s[:, 0]  # w . z + b; a constant gate's is 1
+    pooled = s[:, 4] > 0
+    old = pool[:n]
+    acc = torch.where(s[:, 6] > 0, 0.0, old) + torch.where(s[:, 5] > 0, own, 0.0)
+    logit = torch.where(pooled, acc * s[:, 4], own)
+    p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], 0.0, s[:, 1], s[:, 2] > 0, floor=s[:, 3])
+    y, _ = rule(h, p, lam[:n], logit)
+    return y, torch.where(pooled, acc, old)
 
 
-def _fused() -> Any:
-    """`gathered_rule` compiled once (dynamic token count) into one fused CPU loop: eagerly the gather and the
-    rule are ~15 small ops per site (~330 us at 16 tokens x 576 on one core), fused ~10x less. On CUDA the
-    eager ops are captured into vLLM's graphs, where per-op launch cost does not recur."""
-    if not _FUSED:
-        _FUSED.append(torch.compile(gathered_rule, dynamic=True, fullgraph=True))
-    return _FUSED[0]
+_FUSED: dict[Any, Any] = {}
+
+
+def _fused(fn: Any = gathered_rule) -> Any:
+    """`fn` compiled once (dynamic token count) into one fused CPU loop: eagerly the gather and the rule are ~15
+    small ops per site (~330 us at 16 tokens x 576 on one core), fused ~10x less. On CUDA the eager ops are
+    captured into vLLM's graphs, where per-op launch cost does not recur."""
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _FUSED[fn]
 
 
 @torch.library.register_fake("dsas::steer")
@@ -154,17 +208,56 @@ def _(
     return torch.empty_like(h)
 
 
+@torch.library.register_fake("dsas::steer_pooled")
+def _(
+    h: torch.Tensor,
+    rows: torch.Tensor,
+    lam: torch.Tensor,
+    vec: torch.Tensor,
+    sca: torch.Tensor,
+    pool: torch.Tensor,
+) -> torch.Tensor:
+    return torch.empty_like(h)
+
+
 def unsteered_row(d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row 0 (and any steerer's row at a site it does not steer): an exact zero delta."""
     vec = torch.zeros(5, d)
     vec[2], vec[3] = -torch.inf, torch.inf
-    return vec, torch.tensor([1.0, 0.0, 1.0, 0.0])
+    return vec, torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
 
 
-def pack_site(p: SiteParams, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_site(
+    p: SiteParams, d: int, pool: tuple[int, bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One steerer's parameters at one site as a table row (fp32): absent pieces become their neutral values
-    (scale 0, support (-inf, inf), constant gate w = 0, b = 1, relu)."""
+    (scale 0, support (-inf, inf), constant gate w = 0, b = 1, relu). A pooled site (`p.pool`) needs `pool`: the
+    count of the steerer's regulators at or below it, and whether it is the first of them."""
     vec, sca = unsteered_row(d)
+    if p.pool:
+        if pool is None:
+            raise ValueError("a pooled site's row needs its regulator count and whether it is the first")
+        n, first = pool
+        vec[0] = p.shift.float()
+        if p.scale is not None:
+            vec[1] = p.scale.float()
+        if p.lo is not None and p.hi is not None:
+            vec[2], vec[3] = p.lo.float(), p.hi.float()
+        if p.w is not None:
+            vec[4] = p.w.float()
+        adds = p.w is not None
+        sca[:] = torch.tensor(
+            [
+                float(p.b) if adds else 0.0,
+                float(p.mult),
+                0.0,
+                float(p.floor),
+                1.0 / n,
+                float(adds),
+                float(first),
+            ]
+        )
+        return vec, sca
     vec[0] = p.shift.float()
     if p.scale is not None:
         vec[1] = p.scale.float()

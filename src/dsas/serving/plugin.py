@@ -211,6 +211,18 @@ def _wrap_site(module: nn.Module, table: Any, state: ServingState) -> None:
     module.register_buffer("dsas_rows", state.rows, persistent=False)
     module.register_buffer("dsas_lam", state.lam, persistent=False)
     inner = module.forward
+    if table.pooled:
+        assert state.pool is not None
+        module.register_buffer("dsas_pool", state.pool, persistent=False)
+
+        def pooled(*args: Any, **kwargs: Any) -> torch.Tensor:
+            out = inner(*args, **kwargs)
+            return torch.ops.dsas.steer_pooled(
+                out, module.dsas_rows, module.dsas_lam, module.dsas_vec, module.dsas_sca, module.dsas_pool
+            )
+
+        module.forward = pooled
+        return
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         out = inner(*args, **kwargs)

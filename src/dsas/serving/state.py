@@ -84,17 +84,12 @@ def load_steerers(
                     "its gate is the prompt-level threshold condition, which needs the whole prompt before "
                     "steering and cannot be served per token; serve a per-token gate (dsas, e2e-*, none)"
                 )
-            prefix = [s for s in st.steered if getattr(st.gates[s], "scope", "token") != "token"]
+            prefix = [s for s in st.steered if getattr(st.gates[s], "scope", "token") == "prefix"]
             if prefix:
-                scope = getattr(st.gates[prefix[0]], "scope", "?")
-                what = (
-                    "the running mean over the sequence (scope='prefix'), a per-sequence state"
-                    if scope == "prefix"
-                    else "the pooled logits of the sites below them (scope='below'), a cross-site state"
-                )
                 raise ValueError(
-                    f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read {what} the per-token "
-                    "serving op does not keep; refit with scope='token'"
+                    f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
+                    "sequence (scope='prefix'), a per-sequence state the per-token serving op does not keep; "
+                    "refit with scope='token' or scope='below'"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
@@ -120,6 +115,11 @@ class SiteTable:
     vec: torch.Tensor
     sca: torch.Tensor
 
+    @property
+    def pooled(self) -> bool:
+        """Some steerer's gate at this site is pooled: the site calls `steer_pooled`."""
+        return bool((self.sca[:, 4] > 0).any())
+
 
 @dataclass
 class ServingState:
@@ -141,6 +141,9 @@ class ServingState:
     """Running requests per steerer."""
     requests: dict[str, RequestSteering | None] = field(default_factory=dict)
     """Running request id -> its parsed steering (parsed once, dropped when it finishes)."""
+    pool: torch.Tensor | None = None
+    """[max_tokens] fp32: each token's running sum of pooled regulator logits within a forward pass (None: no
+    steerer has pooled gates)."""
 
     @classmethod
     def build(
@@ -150,10 +153,18 @@ class ServingState:
         sites: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for row, name in enumerate(names, start=1):
             st = steerers[name]
+            regulators = 0  # of this steerer at or below the site, in model order (pooled gates)
             for s in st.steered:
                 mod = vllm_site_name(arch, s)
                 entries = sites.setdefault(mod, [unsteered_row(hidden) for _ in range(len(names) + 1)])
-                entries[row] = pack_site(SiteParams.build(st.maps[s], st.gates[s]), hidden)
+                p = SiteParams.build(st.maps[s], st.gates[s])
+                pool = None
+                if p.pool:
+                    regulators += p.w is not None
+                    if not regulators:
+                        raise ValueError(f"steerer {name!r}: pooled site {s} has no regulator at or below it")
+                    pool = (regulators, p.w is not None and regulators == 1)
+                entries[row] = pack_site(p, hidden, pool)
         tables = {
             mod: SiteTable(
                 torch.stack([v for v, _ in entries]).to(device),
@@ -167,7 +178,10 @@ class ServingState:
         on_host = device.type == "cpu"
         rows = host_rows if on_host else torch.zeros(max_tokens, dtype=torch.int64, device=device)
         lam = host_lam if on_host else torch.zeros(max_tokens, dtype=torch.float32, device=device)
-        return cls(names, tables, rows, lam, host_rows, host_lam)
+        pool = None
+        if any(t.pooled for t in tables.values()):
+            pool = torch.zeros(max_tokens, dtype=torch.float32, device=device)
+        return cls(names, tables, rows, lam, host_rows, host_lam, pool=pool)
 
     def row_of(self, steering: RequestSteering | None) -> tuple[int, float]:
         if steering is None:
