@@ -158,13 +158,13 @@ class ServingState:
                 mod = vllm_site_name(arch, s)
                 entries = sites.setdefault(mod, [unsteered_row(hidden) for _ in range(len(names) + 1)])
                 p = SiteParams.build(st.maps[s], st.gates[s])
-                pool = None
+                count = None
                 if p.pool:
                     regulators += p.w is not None
                     if not regulators:
                         raise ValueError(f"steerer {name!r}: pooled site {s} has no regulator at or below it")
-                    pool = (regulators, p.w is not None and regulators == 1)
-                entries[row] = pack_site(p, hidden, pool)
+                    count = (regulators, p.w is not None and regulators == 1)
+                entries[row] = pack_site(p, hidden, count)
         tables = {
             mod: SiteTable(
                 torch.stack([v for v, _ in entries]).to(device),
@@ -178,9 +178,8 @@ class ServingState:
         on_host = device.type == "cpu"
         rows = host_rows if on_host else torch.zeros(max_tokens, dtype=torch.int64, device=device)
         lam = host_lam if on_host else torch.zeros(max_tokens, dtype=torch.float32, device=device)
-        pool = None
-        if any(t.pooled for t in tables.values()):
-            pool = torch.zeros(max_tokens, dtype=torch.float32, device=device)
+        pooled = any(t.pooled for t in tables.values())
+        pool = torch.zeros(max_tokens, dtype=torch.float32, device=device) if pooled else None
         return cls(names, tables, rows, lam, host_rows, host_lam, pool=pool)
 
     def row_of(self, steering: RequestSteering | None) -> tuple[int, float]:
