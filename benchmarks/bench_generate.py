@@ -49,8 +49,11 @@ CONFIGS: dict[str, tuple[str, str] | None] = {
     "unsteered": None,
     "vanilla": ("caa", "none"),
     "dsas": ("caa", "dsas"),
+    "dsas-token": ("caa", "dsas"),
     "e2e-dsas": ("lineas", "e2e-sigmoid"),
 }
+SCOPES = {"dsas-token": "token"}
+"""Configs that fix `DSASConfig.scope` ("dsas" fits with the default)."""
 REFERENCE = "dsas-reference"  # the DSAS steerer with FAST_EAGER off: every site call through `rule`
 
 
@@ -77,6 +80,8 @@ def fit_steerers(
             opts["inactive"] = "keep"
         if method == "lineas":
             opts["steps"] = args.e2e_steps
+        if name in SCOPES:
+            opts["scope"] = SCOPES[name]
         t0 = time.perf_counter()
         try:
             st = dsas.fit(model, tok, sets, method=method, gate=gate, progress=False, **opts)

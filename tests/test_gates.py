@@ -147,3 +147,14 @@ def test_a_floor_with_control_fpr_keeps_the_gate_exactly_shut_on_the_rest_of_the
     assert (g.value(means) > 0).float().mean().item() < 0.05
     with pytest.raises(ValueError, match="token activations"):
         fit_regulator(src, means, cfg)
+
+
+def test_auto_scope_pools_for_text_and_stays_per_token_for_images_or_kept_sites():
+    from dsas.gates import resolve_scope
+
+    assert resolve_scope(DSASConfig(), text=True).scope == "below"
+    assert resolve_scope(DSASConfig(), text=False).scope == "token"
+    assert resolve_scope(DSASConfig(inactive="vanilla"), text=True).scope == "token"
+    assert resolve_scope(DSASConfig(scope="prefix"), text=True).scope == "prefix"
+    src, ctl = _planted()
+    assert fit_regulator(src, ctl, DSASConfig()).gate.scope == "token"  # a lone regulator reads its own token

@@ -30,7 +30,16 @@ def test_regulator_on_real_model(smollm2, fitted):
     accs = [r["accuracy"] for r in rows]
     # Toxic vs neutral text is linearly separable in most residual increments of a real LM.
     assert sum(a >= 0.75 for a in accs) >= len(accs) // 2
-    assert set(fitted.steered) == {r["site"] for r in rows if r["accuracy"] >= 0.75}
+    # Pooled gates (the default scope for text): every site from the first accurate regulator up is steered; the
+    # accurate ones feed the pool with their own regulator, the others borrow it.
+    active = [r["site"] for r in rows if r["accuracy"] >= 0.75]
+    names = [r["site"] for r in rows]
+    assert fitted.steered == names[names.index(active[0]) :]
+    assert fitted.config["options"]["dsas"]["scope"] == "below"
+    for r in rows:
+        g = fitted.gates[r["site"]]
+        if r["site"] in fitted.steered:
+            assert g.kind == ("sigmoid" if r["site"] in active else "pooled") and g.scope == "below"
 
 
 def test_strength_zero_and_gate_selectivity(smollm2, fitted):

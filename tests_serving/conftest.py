@@ -1,8 +1,9 @@
 """Shared set-up of the vLLM serving tests (run in .venv-vllm by scripts/test_vllm.sh; the main suite skips them).
 
-Three steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS ("tox"), vanilla CAA
-("van", a constant gate) and CAA + DSAS with pooled, floored gates ("pool": scope="below", a state across the sites
-of a pass). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/`, `van/` and `pool/` from earlier runs to skip
+Three steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS with the paper's
+per-site gates ("tox": scope="token"), vanilla CAA ("van", a constant gate) and CAA + DSAS with pooled gates
+("pool": the default scope "below", a state across the sites of a pass, here with the floored, calibrated gates
+of docs/concepts.md). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/`, `van/` and `pool/` from earlier runs to skip
 the fits while iterating."""
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _fit(out: Path, gate: str, options: list[str] | None = None) -> None:
 def steerer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = Path(os.environ.get("DSAS_VLLM_TEST_STEERERS") or tmp_path_factory.mktemp("steerers"))
     dirs = {"tox": root / "tox", "van": root / "van", "pool": root / "pool"}
-    _fit(dirs["tox"], "dsas")
+    _fit(dirs["tox"], "dsas", ["scope=token"])
     _fit(dirs["van"], "none")
     _fit(dirs["pool"], "dsas", POOLED)
     return dirs

@@ -27,7 +27,7 @@ from torch import nn
 
 from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
-from dsas.gates import DSASConfig, SiteGate, fit_regulator
+from dsas.gates import DSASConfig, SiteGate, fit_regulator, resolve_scope
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
 from dsas.options import check_fields
 from dsas.record import record
@@ -319,7 +319,7 @@ def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _gate_dsas(ctx: FitContext) -> Gates:
-    cfg: DSASConfig = ctx.options["dsas"]
+    cfg = ctx.options["dsas"] = resolve_scope(ctx.options["dsas"], ctx.data.kind == "text")
     if cfg.scope != "token" and ctx.data.kind != "text":
         raise ValueError(f"scope={cfg.scope!r} follows a token sequence; for images use scope='token'.")
     pool = "all" if cfg.features == "tokens" else "mean"

@@ -17,7 +17,7 @@ signal (g would hover near 0.5 everywhere) and are switched off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -98,8 +98,10 @@ class DSASConfig:
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
-    scope: Literal["token", "prefix", "below"] = "token"
-    """What the gate reads at run time. "token": each token's activation (the paper). "prefix": the mean of the
+    scope: Literal["auto", "token", "prefix", "below"] = "auto"
+    """What the gate reads at run time. "auto" (default): "below" for a language model, "token" for images or
+    when `inactive` keeps sites under the threshold (which "below" steers anyway); `fit` saves the scope it
+    chose. "token": each token's activation (the paper). "prefix": the mean of the
     gate logit over the sequence so far (the prompt's real tokens and every generated token), which is what the
     regulator was trained on (one token-mean per prompt): once the prompt shows the cue, the continuation keeps
     being steered, where a per-token gate closes on every token that does not itself carry the cue. Eager
@@ -145,6 +147,14 @@ class DSASConfig:
             raise ValueError(
                 "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."
             )
+
+
+def resolve_scope(cfg: DSASConfig, text: bool) -> DSASConfig:
+    """`cfg` with scope "auto" made concrete: "below" for token sequences when `inactive` is "off", else
+    "token"."""
+    if cfg.scope != "auto":
+        return cfg
+    return replace(cfg, scope="below" if text and cfg.inactive == "off" else "token")
 
 
 @dataclass
@@ -277,7 +287,8 @@ def fit_regulator(
     mult = 1.0
     if cfg.soft:
         mult = float(np.clip((acc - 0.5) / max(cfg.acc_threshold - 0.5, 1e-9), 0.0, 1.0))
-    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult, cfg.scope, cfg.floor)
+    scope = "token" if cfg.scope == "auto" else cfg.scope  # a lone regulator; `fit` resolves "auto"
+    gate = SiteGate("sigmoid", torch.from_numpy(wv).float(), b, mult, scope, cfg.floor)
     if not active and cfg.inactive == "vanilla":
         gate = SiteGate("const", None, 0.0, 1.0)
     pca = pipe.named_steps["pca"]
