@@ -30,10 +30,11 @@ from dsas.eval.concept import concept_rate
 from dsas.torchutil import model_device
 
 HARD: dict[str, object] = {"floor": 0.5, "control_fpr": 0.05, "calibrate_on": "tokens"}
-"""Hard gates: exactly 0 on all but 5% of the control prompts' tokens."""
+"""Hard gates: exactly 0 on all but 5% of the control prompts' tokens. Pooled gates (scope "below") are the
+default since they were compared here; "caa+dsas" names the paper's per-site gate (scope "token")."""
 GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa": ("none", {}, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]),
-    "caa+dsas": ("dsas", {}, [2.0, 4.0, 6.0, 8.0]),
+    "caa+dsas": ("dsas", {"scope": "token"}, [2.0, 4.0, 6.0, 8.0]),  # the paper's per-site gate
     "caa+dsas(prefix)": ("dsas", {"scope": "prefix"}, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(below)": ("dsas", {"scope": "below"}, [1.5, 2.0, 2.5, 3.0]),
     "caa+dsas(hard)": ("dsas", HARD, [2.0, 4.0, 6.0, 8.0]),

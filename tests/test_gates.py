@@ -158,3 +158,14 @@ def test_auto_scope_pools_for_text_and_stays_per_token_for_images_or_kept_sites(
     assert resolve_scope(DSASConfig(scope="prefix"), text=True).scope == "prefix"
     src, ctl = _planted()
     assert fit_regulator(src, ctl, DSASConfig()).gate.scope == "token"  # a lone regulator reads its own token
+
+
+def test_the_removal_preset_is_the_documented_option_set():
+    cfg = DSASConfig.removal(control_fpr=0.1)
+    assert (cfg.scope, cfg.floor, cfg.control_fpr, cfg.calibrate_on, cfg.negatives) == (
+        "below",
+        0.5,
+        0.1,
+        "tokens",
+        "control+target",
+    )

@@ -128,6 +128,16 @@ class DSASConfig:
     """Gate values under this are exactly 0: g = max(0, (sigmoid - floor) / (1 - floor)), so a fully open gate
     is still 1 but a barely open one leaves the activation bit for bit as it was. 0 is the paper's sigmoid."""
 
+    @classmethod
+    def removal(cls, **overrides: Any) -> DSASConfig:
+        """Gates for removing a behaviour (detoxification) that leave neutral text untouched: pooled gates,
+        exactly 0 on all but 5% of the control and target prompts' tokens, fitted against control and target
+        (docs/concepts.md, "Hard gates"). Not for concept induction."""
+        base: dict[str, Any] = dict(
+            scope="below", floor=0.5, control_fpr=0.05, calibrate_on="tokens", negatives="control+target"
+        )
+        return cls(**(base | overrides))
+
     def __post_init__(self) -> None:
         check_fields(self)  # types, and the Literal choices of acc_mode, features, inactive, scope
         if self.pca_dim < 1:
