@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
+from dsas.fit import route_options
 from dsas.models import ModelUnavailableError
 from dsas.sweep import (
     BASELINE,
@@ -97,7 +98,19 @@ STEERERS: dict[str, tuple[str, str]] = {
     "lineas": ("lineas", "none"),
     "lineas+dsas": ("lineas", "dsas"),
     "lineas+e2e-sigmoid": ("lineas", "e2e-sigmoid"),
+    "caa+dsas(removal)": ("caa", "dsas"),
 }
+STEERER_OPTIONS: dict[str, dict[str, Any]] = {
+    # DSASConfig.removal(): hard, calibrated pooled gates that leave neutral text untouched (docs/concepts.md).
+    "caa+dsas(removal)": {
+        "scope": "below",
+        "floor": 0.5,
+        "control_fpr": 0.05,
+        "calibrate_on": "tokens",
+        "negatives": "control+target",
+    },
+}
+"""Fit options that make a steerer what its name says (under the config's `fit_options`)."""
 PAIRS = (("caa", "caa+dsas"), ("iti", "iti+dsas"), ("lineas", "lineas+dsas"))
 
 
@@ -261,8 +274,17 @@ def fitted(
     """The steerer `name` fitted on `sets` with `seed`, from disk when this exact fit (model, prompts, method,
     gate, options, seed) was saved before."""
     method, gate = STEERERS[name]
-    options = cfg.fit_options.get(name, {})
-    spec = {"model": sig, "sets": [sets.source, sets.target, sets.control], "method": method, "gate": gate}
+    options = {**STEERER_OPTIONS.get(name, {}), **cfg.fit_options.get(name, {})}
+    # Keyed by every config the fit resolves to, defaults included: a fit saved before a default changed is
+    # not reused.
+    fcfg, opts = route_options(method, gate, options)
+    spec = {
+        "model": sig,
+        "sets": [sets.source, sets.target, sets.control],
+        "method": method,
+        "gate": gate,
+        "configs": {"fit": asdict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
+    }
     path = (
         store.root
         / "steerers"
