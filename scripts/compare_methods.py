@@ -34,6 +34,7 @@ GRIDS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/methods")
+    p.add_argument("--model", default="smollm2-135m", help="a built-in model name, a local path or a hub id")
     p.add_argument("--steerers", default=STEERERS, help="comma list of 'method' or 'method+gate'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
@@ -90,7 +91,9 @@ def main() -> None:
             p.error(f"--grid {spec!r}: use STEERER=S1,S2,... with numbers")
         if who not in opts:
             p.error(f"--grid {spec!r}: STEERER must be one of {list(opts)}")
-    cfg = DemoConfig(steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=grids, options=opts)
+    cfg = DemoConfig(
+        model=args.model, steerers=names, vanilla_grid=VANILLA, dsas_grid=GATED, grids=grids, options=opts
+    )
     run_demo(args.out, cfg)
 
 

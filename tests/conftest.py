@@ -139,6 +139,10 @@ def make_engine_sets(n: int = 16, seed: int = 0):
     return PromptSets(**{k: [sent(v) for _ in range(n)] for k, v in pools.items()}, name="tiny")
 
 
+HARD_GATES = dict(floor=0.5, control_fpr=0.3, calibrate_on="tokens")
+"""Floored gates, exactly 0 on all but 30% of the control prompts' tokens (tiny sets: enough open to test)."""
+
+
 @pytest.fixture(scope="session")
 def engine_sets():
     return make_engine_sets()

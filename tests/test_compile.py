@@ -120,15 +120,11 @@ def test_wrap_forward_warns_when_patched_over():
 def test_floored_gates_compile_without_graph_breaks(compiled_setup, engine_sets, tiny_tok):
     """A gate floor (`DSASConfig.floor`) is one more value of the site's packed row, read inside the graph."""
     model, _, enc = compiled_setup
+    from conftest import HARD_GATES
+
+    # Per-site gates: the packed-row path (a pooled site reads its parameters as constants of the graph).
     st = dsas.fit(
-        model,
-        tiny_tok,
-        engine_sets,
-        progress=False,
-        acc_threshold=0.5,
-        floor=0.5,
-        control_fpr=0.3,
-        calibrate_on="tokens",
+        model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="token", **HARD_GATES
     )
     fwd = torch.compile(model.forward, backend="inductor", fullgraph=True, dynamic=False)
     with torch.no_grad(), st.apply(model, strength=6.0, trace=True) as tr:

@@ -339,6 +339,24 @@ def llama(tiny_tok):
     return make_tiny_model("llama", len(tiny_tok))
 
 
+def _generation_invariants(model, tok, st, enc, strength=6.0):
+    """Cached == uncached generation, each row of the left-padded batch == the prompt alone, strength 0 == the
+    unsteered model bit for bit."""
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with st.apply(model, strength=strength):
+        cached = model.generate(**enc, use_cache=True, **kw)
+        uncached = model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    for i, p in enumerate(PROMPTS):
+        with st.apply(model, strength=strength):
+            alone = model.generate(**tok([p], return_tensors="pt"), **kw)
+        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with st.apply(model, strength=0.0):
+            assert torch.equal(model(**enc).logits, plain)
+
+
 @pytest.fixture(scope="module")
 def pooled_steerer(arch_model, tiny_tok, engine_sets):
     """scope="below" with a mix of regulators and borrowers: every second steered site gives up its own
@@ -402,21 +420,9 @@ def test_pooled_gate_cached_uncached_rows_alone_zero_strength_and_save(
 ):
     st = pooled_steerer
     enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
-    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    with st.apply(arch_model, strength=6.0):
-        cached = arch_model.generate(**enc, use_cache=True, **kw)
-        uncached = arch_model.generate(**enc, use_cache=False, **kw)
-    assert torch.equal(cached, uncached)
-    for i, p in enumerate(PROMPTS):
-        with st.apply(arch_model, strength=6.0):
-            alone = arch_model.generate(**left_tok([p], return_tensors="pt"), **kw)
-        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
-    with torch.no_grad():
-        plain = arch_model(**enc).logits
-        with st.apply(arch_model, strength=0.0):
-            assert torch.equal(arch_model(**enc).logits, plain)
-        with st.apply(arch_model, strength=6.0):
-            steered = arch_model(**enc).logits
+    _generation_invariants(arch_model, left_tok, st, enc)
+    with torch.no_grad(), st.apply(arch_model, strength=6.0):
+        steered = arch_model(**enc).logits
     st.save(tmp_path / "p")
     back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
     assert [back.gates[s].kind for s in back.steered] == [st.gates[s].kind for s in st.steered]
@@ -458,18 +464,19 @@ def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_se
         assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def floored_steerer(arch_model, tiny_tok, engine_sets):
+@pytest.fixture(scope="module", params=["token", "below"])
+def floored_steerer(request, arch_model, tiny_tok, engine_sets):
     """Hard gates: exactly 0 on all but 30% of the control prompts' tokens."""
+    from conftest import HARD_GATES
+
     return dsas.fit(
         arch_model,
         tiny_tok,
         engine_sets,
         progress=False,
         acc_threshold=0.5,
-        floor=0.5,
-        control_fpr=0.3,
-        calibrate_on="tokens",
+        scope=request.param,
+        **HARD_GATES,
     )
 
 
@@ -489,19 +496,7 @@ def test_floored_gate_is_exactly_shut_on_some_tokens_and_keeps_every_invariant(
     with torch.no_grad(), st.apply(arch_model, 3.0):
         steered = arch_model(**enc).logits  # the folded eager path equals the traced reference
     torch.testing.assert_close(steered[real], traced[real], rtol=1e-5, atol=1e-5)
-    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    with st.apply(arch_model, strength=6.0):
-        cached = arch_model.generate(**enc, use_cache=True, **kw)
-        uncached = arch_model.generate(**enc, use_cache=False, **kw)
-    assert torch.equal(cached, uncached)
-    for i, p in enumerate(PROMPTS):
-        with st.apply(arch_model, strength=6.0):
-            alone = arch_model.generate(**left_tok([p], return_tensors="pt"), **kw)
-        assert torch.equal(cached[i, -alone.shape[1] :], alone[0])
-    with torch.no_grad():
-        plain = arch_model(**enc).logits
-        with st.apply(arch_model, strength=0.0):
-            assert torch.equal(arch_model(**enc).logits, plain)
+    _generation_invariants(arch_model, left_tok, st, enc)
     st.save(tmp_path / "f")
     back = dsas.Steerer.load(tmp_path / "f", model=arch_model)
     assert all(back.gates[s].floor == 0.5 for s in back.steered)

@@ -209,14 +209,7 @@ def _(
 
 
 @torch.library.register_fake("dsas::steer_pooled")
-def _(
-    h: torch.Tensor,
-    rows: torch.Tensor,
-    lam: torch.Tensor,
-    vec: torch.Tensor,
-    sca: torch.Tensor,
-    pool: torch.Tensor,
-) -> torch.Tensor:
+def _(h: torch.Tensor, *_tables: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(h)
 
 
@@ -234,30 +227,6 @@ def pack_site(
     (scale 0, support (-inf, inf), constant gate w = 0, b = 1, relu). A pooled site (`p.pool`) needs `pool`: the
     count of the steerer's regulators at or below it, and whether it is the first of them."""
     vec, sca = unsteered_row(d)
-    if p.pool:
-        if pool is None:
-            raise ValueError("a pooled site's row needs its regulator count and whether it is the first")
-        n, first = pool
-        vec[0] = p.shift.float()
-        if p.scale is not None:
-            vec[1] = p.scale.float()
-        if p.lo is not None and p.hi is not None:
-            vec[2], vec[3] = p.lo.float(), p.hi.float()
-        if p.w is not None:
-            vec[4] = p.w.float()
-        adds = p.w is not None
-        sca[:] = torch.tensor(
-            [
-                float(p.b) if adds else 0.0,
-                float(p.mult),
-                0.0,
-                float(p.floor),
-                1.0 / n,
-                float(adds),
-                float(first),
-            ]
-        )
-        return vec, sca
     vec[0] = p.shift.float()
     if p.scale is not None:
         vec[1] = p.scale.float()
@@ -267,4 +236,11 @@ def pack_site(
         vec[4] = p.w.float()
         sca[0], sca[2], sca[3] = float(p.b), float(bool(p.relu)), float(p.floor)
     sca[1] = float(p.mult)
+    if p.pool:  # a sigmoid of the pool's mean: no bias of its own unless it adds its regulator
+        if pool is None:
+            raise ValueError("a pooled site's row needs its regulator count and whether it is the first")
+        n, first = pool
+        adds = p.w is not None
+        sca[0], sca[2], sca[3] = (float(p.b) if adds else 0.0), 0.0, float(p.floor)
+        sca[4], sca[5], sca[6] = 1.0 / n, float(adds), float(first)
     return vec, sca
