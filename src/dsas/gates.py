@@ -245,6 +245,12 @@ def _upper_quantile(s: np.ndarray, w: np.ndarray | None, frac: float) -> float:
     return float(s[order][np.searchsorted(cum, 1 - frac)])
 
 
+def _per_prompt_tokens(prompts: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Every prompt's tokens [K_i, d] stacked (float64), each weighted 1 / K_i so every prompt counts once."""
+    w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in prompts])
+    return torch.cat(prompts).double().numpy(), w
+
+
 def fold_pipeline(pipe: Pipeline) -> tuple[np.ndarray, float]:
     """Collapse PCA -> LR into (w, b) with LR(PCA(z)) logit = w . z + b (paper Eq. 6)."""
     pca, lr = pipe.named_steps["pca"], pipe.named_steps["lr"]
@@ -269,10 +275,9 @@ def fit_regulator(
     groups = w = None
     if isinstance(source, list) or isinstance(control, list):
         src, ctl = list(source), list(control)
-        X = torch.cat(src + ctl).double().numpy()
+        X, w = _per_prompt_tokens(src + ctl)
         y = np.concatenate([np.ones(sum(len(t) for t in src)), np.zeros(sum(len(t) for t in ctl))])
         groups = np.concatenate([np.full(len(t), i) for i, t in enumerate(src + ctl)])
-        w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in src + ctl])
     else:
         X = torch.cat([source, control]).double().numpy()
         y = np.concatenate([np.ones(len(source)), np.zeros(len(control))])
@@ -287,8 +292,7 @@ def fit_regulator(
         if cfg.calibrate_on == "tokens" and w is None:
             if control_tokens is None:
                 raise ValueError("calibrate_on='tokens' needs the control prompts' token activations.")
-            Xc = torch.cat(control_tokens).double().numpy()
-            wc = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in control_tokens])
+            Xc, wc = _per_prompt_tokens(control_tokens)
         # The quantile lands where the gate opens: g = 0.5 (no floor) or g = 0 (the floor).
         zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
         b -= _upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - zero

@@ -467,11 +467,10 @@ def _site_hook(
             p = per_device[dev] = params.on(dev)
         return p
 
-    if (
-        params.prefix or params.pool
-    ):  # their own hook: the common one stays free of the check (a guard per site
-        # when compiled). A pooled site reads the pool's mean as its logit, which already holds every
-        # regulator's bias: it applies the rule with b = 0 (made once per device).
+    # Prefix and pooled sites get their own hook: the common one stays free of the check (a guard per site when
+    # compiled). A pooled site reads the pool's mean as its logit, which already holds every regulator's bias:
+    # it applies the rule with b = 0 (made once per device).
+    if params.prefix or params.pool:
         reads: dict[torch.device, SiteParams] = {}
 
         def sequence_hook(_mod: nn.Module, _args: Any, out: Any) -> Any:

@@ -157,13 +157,22 @@ def gathered_rule(
     h: torch.Tensor, rows: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor, sca: torch.Tensor
 ) -> torch.Tensor:
     """`rule` with each token's parameters gathered from the tables."""
-    n = h.shape[0]
-    r = rows[:n]
-    v = vec[r]  # [N, 5, d]
-    s = sca[r]  # [N, 7]
-    p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], s[:, 0], s[:, 1], s[:, 2] > 0, floor=s[:, 3])
-    y, _ = rule(h, p, lam[:n])
+    v, s = _gather(h, rows, vec, sca)
+    y, _ = rule(h, _gathered_params(v, s, s[:, 0]), lam[: h.shape[0]])
     return y
+
+
+def _gather(
+    h: torch.Tensor, rows: torch.Tensor, vec: torch.Tensor, sca: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table rows of the step's N tokens: vec [N, 5, d], sca [N, 7]."""
+    r = rows[: h.shape[0]]
+    return vec[r], sca[r]
+
+
+def _gathered_params(v: torch.Tensor, s: torch.Tensor, b: float | torch.Tensor) -> SiteParams:
+    """Per-token `SiteParams` from gathered rows, with gate bias `b`."""
+    return SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], b, s[:, 1], s[:, 2] > 0, floor=s[:, 3])
 
 
 def pooled_rule(
@@ -176,16 +185,13 @@ def pooled_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`gathered_rule` where pooled rows read the pool's mean logit; returns (h', the pool's new first N)."""
     n = h.shape[0]
-    r = rows[:n]
-    v = vec[r]
-    s = sca[r]
+    v, s = _gather(h, rows, vec, sca)
     own = (h.float() * v[:, 4]).sum(-1) + s[:, 0]  # w . z + b; a constant gate's is 1
     pooled = s[:, 4] > 0
     old = pool[:n]
     acc = torch.where(s[:, 6] > 0, 0.0, old) + torch.where(s[:, 5] > 0, own, 0.0)
     logit = torch.where(pooled, acc * s[:, 4], own)
-    p = SiteParams(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], 0.0, s[:, 1], s[:, 2] > 0, floor=s[:, 3])
-    y, _ = rule(h, p, lam[:n], logit)
+    y, _ = rule(h, _gathered_params(v, s, 0.0), lam[:n], logit)  # the logit holds the biases already
     return y, torch.where(pooled, acc, old)
 
 
