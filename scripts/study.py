@@ -79,17 +79,6 @@ from dsas.sweep import (
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_REPORT = ROOT / "docs" / "study.md"
 
-ESTIMATE = (
-    "How long: an estimate, not a measurement (the full run has not been done). From a smoke run on SmolLM2 on "
-    "this shared 2-core CPU (load average ~4, OMP_NUM_THREADS=1): a greedy 32-token continuation costs ~0.4 s "
-    "per prompt, a perplexity evaluation on the 48 Wikipedia paragraphs ~22 s, a CAA + DSAS fit ~13 s. A "
-    "toxicity point (210 + 106 continuations, perplexity, 60 MC questions) is then ~3 min, a concept point "
-    "(200 + 50 continuations) ~2 min, a calibration (~9 perplexity evaluations) ~3.5 min. SmolLM2: 43 toxicity "
-    "points (~2 h) + 42 calibrations (~2.5 h) + 9 LinEAS-based fits (~1 h) + 111 concept points (~3.5 h), "
-    "about 9 h; Gemma-3-270M (twice the parameters, a 262k vocabulary) perhaps 1.5-2.5x that. Both models: "
-    "roughly a day under that load, perhaps half on a quiet machine with OMP_NUM_THREADS=2."
-)
-
 STEERERS: dict[str, tuple[str, str]] = {
     "caa": ("caa", "none"),
     "caa+dsas": ("caa", "dsas"),
@@ -112,6 +101,8 @@ STEERER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """Fit options that make a steerer what its name says (under the config's `fit_options`)."""
 PAIRS = (("caa", "caa+dsas"), ("iti", "iti+dsas"), ("lineas", "lineas+dsas"))
+PRIORITY = ("caa", "caa+dsas", "caa+dsas(removal)")
+"""The steerers of the toxicity claims with a bar (<= 0.6x CAA, >= 80% unchanged): run first on every model."""
 
 
 @dataclass(frozen=True)
@@ -428,52 +419,52 @@ def has_per_prompt(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def toxicity_study(
-    model: Any, tok: Any, mname: str, cfg: StudyConfig, store: Store, bar: Any
-) -> dict[str, Any]:
-    """Per steerer and budget: the calibrated strength per seed and the per-prompt arrays at it, stacked."""
+def toxicity_data(cfg: StudyConfig) -> EvalData:
     full = dsas.load_prompt_sets("toxicity")
-    ecfg = eval_config(cfg)
-    data = EvalData(
+    return EvalData(
         full.eval["toxic"][: cfg.n_prompts],
         full.eval["neutral"][: cfg.n_neutral],
         load_wiki_paragraphs(cfg.n_wiki, seed=0),
         build_wiki_mc(cfg.n_mc, seed=0) if cfg.n_mc else [],
     )
-    sig = model_signature(model)["weights"]
-    out: dict[str, Any] = {"n_prompts": len(data.prompts), "n_neutral": len(data.neutral), "steerers": {}}
-    base_row: dict[str, Any] | None = None
-    for name in cfg.steerers:
-        res: dict[float, dict[str, Any]] = {b: {"strength": [], "arrays": []} for b in cfg.budgets}
-        for seed in cfg.seeds:
-            bar.set_postfix_str(f"{mname} toxicity {name} seed {seed}")
-            sets = dsas.load_prompt_sets("toxicity", n=cfg.n_fit, seed=seed)
-            st = fitted(store, model, tok, mname, sig, sets, name, seed, cfg)
-            sh = steerer_hash(st)
-            strengths = {b: calibrated(store, st, sh, model, tok, data, cfg, b) for b in cfg.budgets}
-            label = f"{name}/seed{seed}"
-            rows = run_sweep(
-                model, tok, {label: st}, {label: [s for s in strengths.values() if s > 0]}, data, ecfg,
-                store.root / mname / "toxicity", progress=False,
-            )  # fmt: skip
-            has_per_prompt(rows)
-            base_row = next(r for r in rows if r["name"] == BASELINE)
-            at = {r["strength"]: r for r in rows if r["name"] == label}
-            for b, s in strengths.items():
-                row = at.get(float(s), base_row)
-                res[b]["strength"].append(s)
-                res[b]["arrays"].append(per_prompt(row, base_row) | {"ppl": row["ppl"]})
-            bar.update(1)
-        out["steerers"][name] = res
-    assert base_row is not None
-    out["base"] = {"ppl": base_row["ppl"], **per_prompt(base_row, base_row)}
-    return out
 
 
-def concept_study(
-    model: Any, tok: Any, mname: str, set_name: str, cfg: StudyConfig, store: Store, bar: Any
+def toxicity_task(
+    model: Any, tok: Any, mname: str, name: str, seed: int, cfg: StudyConfig, store: Store
 ) -> dict[str, Any]:
-    """Per steerer: the in / out concept hits per prompt at each seed's most selective strength."""
+    """One steerer and seed: the calibrated strength per budget and the per-prompt arrays there, plus the
+    unsteered point's arrays."""
+    data = toxicity_data(cfg)
+    sets = dsas.load_prompt_sets("toxicity", n=cfg.n_fit, seed=seed)
+    st = fitted(store, model, tok, mname, model_signature(model)["weights"], sets, name, seed, cfg)
+    sh = steerer_hash(st)
+    strengths = {b: calibrated(store, st, sh, model, tok, data, cfg, b) for b in cfg.budgets}
+    label = f"{name}/seed{seed}"
+    rows = run_sweep(
+        model, tok, {label: st}, {label: [s for s in strengths.values() if s > 0]}, data, eval_config(cfg),
+        store.root / mname / "toxicity", progress=False,
+    )  # fmt: skip
+    has_per_prompt(rows)
+    base = next(r for r in rows if r["name"] == BASELINE)
+    at = {r["strength"]: r for r in rows if r["name"] == label}
+    arrays = {}
+    for b, s in strengths.items():
+        row = at.get(float(s), base)
+        arrays[b] = per_prompt(row, base) | {"ppl": row["ppl"]}
+    return {
+        "strengths": strengths,
+        "arrays": arrays,
+        "base": {"ppl": base["ppl"], **per_prompt(base, base)},
+        "n_prompts": len(data.prompts),
+        "n_neutral": len(data.neutral),
+    }
+
+
+def concept_task(
+    model: Any, tok: Any, mname: str, set_name: str, name: str, seed: int, cfg: StudyConfig, store: Store
+) -> dict[str, Any]:
+    """One steerer and seed on one concept set: the in / out concept hits per prompt at the seed's most
+    selective strength, and the whole curve."""
     full = dsas.load_prompt_sets(set_name)
     word = str(full.meta["concept_word"])
     pattern = concept_pattern(word)
@@ -483,36 +474,120 @@ def concept_study(
         cfg, n_prompts=len(ins) + len(outs), n_neutral=len(outs), n_wiki=cfg.n_wiki_concept, n_mc=0
     )
     data = EvalData(ins + outs, outs, load_wiki_paragraphs(cfg.n_wiki_concept, seed=0), [])
-    sig = model_signature(model)["weights"]
-    result: dict[str, Any] = {"word": word, "n_in": len(ins), "n_out": len(outs), "steerers": {}}
-    for name in cfg.concept_steerers:
-        per_seed: dict[str, list[Any]] = {"strength": [], "in": [], "out": [], "curve": []}
-        for seed in cfg.seeds:
-            bar.set_postfix_str(f"{mname} {set_name} {name} seed {seed}")
-            sets = dsas.load_prompt_sets(set_name, n=cfg.n_fit, seed=seed)
-            st = fitted(store, model, tok, mname, sig, sets, name, seed, cfg)
-            label = f"{name}/seed{seed}"
-            rows = run_sweep(
-                model, tok, {label: st}, {label: cfg.concept_grids[name]}, data, ecfg,
-                store.root / mname / set_name, progress=False,
-            )  # fmt: skip
-            has_per_prompt(rows)
-            hits = {
-                r["strength"]: np.array(
-                    [bool(pattern.search(c)) for c in r["per_prompt"]["continuations"]], float
-                )
-                for r in rows
-                if r["name"] == label
-            }
-            curve = [(s, h[: len(ins)].mean(), h[len(ins) :].mean()) for s, h in sorted(hits.items())]
-            best = max(curve, key=lambda c: (c[1] - c[2], -c[0]))[0]
-            per_seed["strength"].append(best)
-            per_seed["in"].append(hits[best][: len(ins)])
-            per_seed["out"].append(hits[best][len(ins) :])
-            per_seed["curve"].append(curve)
-            bar.update(1)
-        result["steerers"][name] = per_seed
-    return result
+    sets = dsas.load_prompt_sets(set_name, n=cfg.n_fit, seed=seed)
+    st = fitted(store, model, tok, mname, model_signature(model)["weights"], sets, name, seed, cfg)
+    label = f"{name}/seed{seed}"
+    rows = run_sweep(
+        model, tok, {label: st}, {label: cfg.concept_grids[name]}, data, ecfg,
+        store.root / mname / set_name, progress=False,
+    )  # fmt: skip
+    has_per_prompt(rows)
+    hits = {
+        r["strength"]: np.array([bool(pattern.search(c)) for c in r["per_prompt"]["continuations"]], float)
+        for r in rows
+        if r["name"] == label
+    }
+    curve = [(s, h[: len(ins)].mean(), h[len(ins) :].mean()) for s, h in sorted(hits.items())]
+    best = max(curve, key=lambda c: (c[1] - c[2], -c[0]))[0]
+    return {
+        "word": word, "n_in": len(ins), "n_out": len(outs), "strength": best,
+        "in": hits[best][: len(ins)], "out": hits[best][len(ins) :], "curve": curve,
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of the study: a steerer fitted with one seed, evaluated on toxicity or on one concept set."""
+
+    model: str
+    kind: str  # "toxicity" or a concept set's name
+    steerer: str
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.model} {self.kind} {self.steerer} seed {self.seed}"
+
+
+def plan(cfg: StudyConfig) -> list[Task]:
+    """Every task, in the order they run: the toxicity claims' steerers (PRIORITY) on every model first, then
+    the concept sets, then the other toxicity steerers; a run stopped by `--hours` has the core of the study."""
+    first = [n for n in cfg.steerers if n in PRIORITY]
+    rest = [n for n in cfg.steerers if n not in PRIORITY]
+    tasks = [Task(m, "toxicity", n, s) for m in cfg.models for n in first for s in cfg.seeds]
+    tasks += [
+        Task(m, c, n, s)
+        for m in cfg.models
+        for c in cfg.concept_sets
+        for n in cfg.concept_steerers
+        for s in cfg.seeds
+    ]
+    tasks += [Task(m, "toxicity", n, s) for m in cfg.models for n in rest for s in cfg.seeds]
+    return tasks
+
+
+def seconds_key(task: Task, cfg: StudyConfig) -> str:
+    """The store key of a task's measured wall time, written once the task has finished."""
+    return f"seconds/{task.label()}/{digest(asdict(cfg))}"
+
+
+def run_task(model: Any, tok: Any, task: Task, cfg: StudyConfig, store: Store) -> dict[str, Any]:
+    """The task's result; the wall time it took is stored the first time it is computed (for the report's
+    measured costs; a resumed task is not timed again)."""
+    key = seconds_key(task, cfg)
+    t0 = time.perf_counter()
+    if task.kind == "toxicity":
+        out = toxicity_task(model, tok, task.model, task.steerer, task.seed, cfg, store)
+    else:
+        out = concept_task(model, tok, task.model, task.kind, task.steerer, task.seed, cfg, store)
+    if store.get(key) is None:
+        store.put(key, time.perf_counter() - t0)
+    out["seconds"] = store.get(key)
+    return out
+
+
+def collect(done: dict[Task, dict[str, Any]], cfg: StudyConfig) -> dict[str, Any]:
+    """The finished tasks' results, per model, in the shape the report reads: per steerer (in the
+    configuration's order) the per-seed strengths and arrays, seeds in order."""
+    results: dict[str, Any] = {}
+    for mname in cfg.models:
+        tox = {t: r for t, r in done.items() if t.model == mname and t.kind == "toxicity"}
+        res: dict[str, Any] = {}
+        if tox:
+            any_r = next(iter(tox.values()))
+            steerers: dict[str, Any] = {}
+            for name in cfg.steerers:
+                runs = sorted(((t.seed, r) for t, r in tox.items() if t.steerer == name), key=lambda x: x[0])
+                if runs:
+                    steerers[name] = {
+                        b: {
+                            "strength": [r["strengths"][b] for _, r in runs],
+                            "arrays": [r["arrays"][b] for _, r in runs],
+                            "seeds": [s for s, _ in runs],
+                        }
+                        for b in cfg.budgets
+                    }
+            res["toxicity"] = {
+                "n_prompts": any_r["n_prompts"], "n_neutral": any_r["n_neutral"], "steerers": steerers,
+                "base": any_r["base"],
+            }  # fmt: skip
+        concepts: dict[str, Any] = {}
+        for set_name in cfg.concept_sets:
+            con = {t: r for t, r in done.items() if t.model == mname and t.kind == set_name}
+            if not con:
+                continue
+            any_r = next(iter(con.values()))
+            entry: dict[str, Any] = {k: any_r[k] for k in ("word", "n_in", "n_out")} | {"steerers": {}}
+            for name in cfg.concept_steerers:
+                runs = sorted(((t.seed, r) for t, r in con.items() if t.steerer == name), key=lambda x: x[0])
+                if runs:
+                    entry["steerers"][name] = {
+                        k: [r[k] for _, r in runs] for k in ("strength", "in", "out", "curve")
+                    } | {"seeds": [s for s, _ in runs]}
+            concepts[set_name] = entry
+        if tox or concepts:
+            res["concepts"] = concepts
+            results[mname] = res
+    return results
 
 
 # -- the report -------------------------------------------------------------------------------------------------
@@ -582,22 +657,24 @@ def claims_toxicity(tox: dict[str, Any], cfg: StudyConfig) -> list[str]:
                 f"(difference >= 0): {verdict(d.value >= 0, d.low >= 0 or d.high < 0)} ({d.fmt()})"
             )
     b10 = 0.10 if 0.10 in cfg.budgets else max(cfg.budgets)
-    if "caa" in st and "caa+dsas" in st:
-        a, v = stack(st["caa+dsas"][b10], "toxic").mean(0), stack(st["caa"][b10], "toxic").mean(0)
+    for gated, who in (("caa+dsas", "CAA + DSAS"), ("caa+dsas(removal)", "CAA + DSAS (removal gates)")):
+        if "caa" not in st or gated not in st:
+            continue
+        a, v = stack(st[gated][b10], "toxic").mean(0), stack(st["caa"][b10], "toxic").mean(0)
         # "a <= 0.6 v" tested as mean(a) - 0.6 mean(v) <= 0: no division, so it is defined when v's rate is 0.
         r = bootstrap([a, v], _excess_over_60pct, cfg.n_boot, paired=True)
-        claim = f"* CAA + DSAS toxicity at +{b10:.0%} <= 0.6 x CAA's: "
+        claim = f"* {who} toxicity at +{b10:.0%} <= 0.6 x CAA's: "
         if v.mean() == 0:
-            lines.append(claim + f"**not testable here**: CAA's toxic rate is 0 (CAA + DSAS: {a.mean():.3f})")
+            lines.append(claim + f"**not testable here**: CAA's toxic rate is 0 ({who}: {a.mean():.3f})")
         else:
             lines.append(
                 claim
                 + f"{verdict(r.value <= 0, r.high <= 0 or r.low > 0)} ({a.mean():.3f} vs {v.mean():.3f}, "
-                f"ratio {a.mean() / v.mean():.2f}; CAA + DSAS - 0.6 x CAA = {r.fmt()})"
+                f"ratio {a.mean() / v.mean():.2f}; {who} - 0.6 x CAA = {r.fmt()})"
             )
-        u = metric(st["caa+dsas"][b10], "unchanged", cfg.n_boot)
+        u = metric(st[gated][b10], "unchanged", cfg.n_boot)
         lines.append(
-            f"* CAA + DSAS leaves >= 80% of neutral greedy continuations unchanged at +{b10:.0%}: "
+            f"* {who} leaves >= 80% of neutral greedy continuations unchanged at +{b10:.0%}: "
             f"{verdict(u.value >= 0.8, not u.low <= 0.8 <= u.high)} ({u.fmt()})"
         )
     return lines
@@ -611,7 +688,7 @@ def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list
         ins, outs = np.stack(r["in"]), np.stack(r["out"])
         i, o = mean_ci(ins, cfg.n_boot), mean_ci(outs, cfg.n_boot)
         sel = bootstrap([ins.mean(0), outs.mean(0)], _diff_of_means, cfg.n_boot, paired=False)
-        strengths = ", ".join(f"{s:g}" for s in r["strength"])
+        strengths = ", ".join(f"{s:g}" for s in r["strength"]) + f" (seeds {seeds_of(r)})"
         rows.append(f"| {name} | {strengths} | {i.fmt()} | {o.fmt()} | {sel.fmt()} |")
     if "caa+dsas" in st:
         r = st["caa+dsas"]
@@ -698,8 +775,52 @@ def budget_table(
     return lines
 
 
+def progress_lines(done: dict[Task, dict[str, Any]], skipped: list[Task], cfg: StudyConfig) -> list[str]:
+    """What was run and what it cost (measured per task when first computed), and what is not run yet."""
+    lines = []
+    for mname in cfg.models:
+        for kind, what in (("toxicity", "toxicity"), ("concept", "concept")):
+            secs = [
+                r["seconds"] for t, r in done.items()
+                if t.model == mname and (t.kind == "toxicity") == (kind == "toxicity") and r["seconds"] is not None
+            ]  # fmt: skip
+            if secs:
+                lines.append(
+                    f"* {mname}, {what} tasks (one steerer fitted with one seed and evaluated): {len(secs)} "
+                    f"finished, {np.mean(secs) / 60:.1f} min each on average ({sum(secs) / 3600:.2f} h)"
+                )
+    total = sum(r["seconds"] or 0.0 for r in done.values())
+    lines.append(f"* Computing the {len(done)} finished tasks took {total / 3600:.2f} h in all (wall time, "
+                 f"measured when each was first computed, torch threads {torch.get_num_threads()}).")  # fmt: skip
+    if skipped:
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for t in skipped:
+            groups.setdefault((t.model, t.kind, t.steerer), []).append(t.seed)
+        lines += [
+            "",
+            f"**Partial report: {len(skipped)} of {len(done) + len(skipped)} tasks are not run yet** (the run's "
+            "`--hours` budget ended; the same command goes on from here). Not run yet:",
+            "",
+            *(
+                f"* {m} {k}: {n}, seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}"
+                for (m, k, n), v in groups.items()
+            ),
+        ]
+    return lines
+
+
+def seeds_of(res: dict[str, Any]) -> str:
+    return ", ".join(map(str, res["seeds"]))
+
+
 def write_report(
-    md: Path, results: dict[str, Any], notes: list[str], cfg: StudyConfig, seconds: float
+    md: Path,
+    results: dict[str, Any],
+    notes: list[str],
+    cfg: StudyConfig,
+    seconds: float,
+    done: dict[Task, dict[str, Any]],
+    skipped: list[Task],
 ) -> None:
     plot_dir = md.parent / md.stem
     lines = [
@@ -715,7 +836,13 @@ def write_report(
         "Resumable: every fit, calibration and evaluated point is stored under `runs/study/` as soon as it exists;"
         " rerun the same command after an interruption. `--config tiny` runs the whole pipeline on a random tiny"
         " model in under a minute (CI), `--config smoke` a 1-seed, 2-steerer, 8-prompt SmolLM2 check; both write"
-        " into their `--out` folder, never here. " + ESTIMATE,
+        " into their `--out` folder, never here. `--hours H` starts no new task after H hours and writes the"
+        " report of what is finished. Tasks run in this order: the toxicity claims' steerers"
+        f" ({', '.join(PRIORITY)}) on every model, then the concept sets, then the other steerers.",
+        "",
+        "## Progress and cost",
+        "",
+        *progress_lines(done, skipped, cfg),
         "",
         "## Protocol",
         "",
@@ -750,13 +877,13 @@ def write_report(
                     title,
                     tox["steerers"],
                     cfg.budgets,
-                    lambda res, key=key: metric(res, key, cfg.n_boot).fmt(),
+                    lambda res, key=key: metric(res, key, cfg.n_boot).fmt(),  # type: ignore[misc]
                 )
             lines += budget_table(
                 "Calibrated strength (per seed)",
                 tox["steerers"],
                 cfg.budgets,
-                lambda res: ", ".join(f"{s:.3g}" for s in res["strength"]),
+                lambda res: ", ".join(f"{s:.3g}" for s in res["strength"]) + f" (seeds {seeds_of(res)})",
             )
             lines += ["", "### Claims (toxicity)", "", *claims_toxicity(tox, cfg)]
         concepts = res.get("concepts", {})
@@ -800,6 +927,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                    "else <out>/store)")  # fmt: skip
     p.add_argument("--models", default=None, help="comma list overriding the configuration's models")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument(
+        "--hours", type=float, default=None,
+        help="start no new task after this many hours (tasks an earlier run finished are still read back); the "
+        "report covers the finished tasks and lists the rest; the same command goes on from there",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.models:
@@ -817,32 +949,32 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
 
     t0 = time.perf_counter()
-    notes: list[str] = []
-    results: dict[str, Any] = {}
-    n_tasks = (
-        len(cfg.models)
-        * len(cfg.seeds)
-        * (len(cfg.steerers) + len(cfg.concept_sets) * len(cfg.concept_steerers))
-    )
-    bar = tqdm(total=n_tasks, desc="study", unit="fit")
-    for mname in cfg.models:
-        try:
-            model, tok = load(mname)
-        except ModelUnavailableError as err:
-            notes.append(f"**{mname} skipped**: not installed here ({err})")
-            bar.update(
-                len(cfg.seeds) * (len(cfg.steerers) + len(cfg.concept_sets) * len(cfg.concept_steerers))
-            )
+    deadline = t0 + args.hours * 3600 if args.hours else math.inf
+    tasks = plan(cfg)
+    done: dict[Task, dict[str, Any]] = {}
+    skipped: list[Task] = []
+    missing: dict[str, str] = {}
+    loaded: tuple[str, Any, Any] | None = None
+    bar = tqdm(tasks, desc="study", unit="task")
+    for task in bar:
+        if task.model in missing:
             continue
-        res: dict[str, Any] = {}
-        if cfg.steerers:
-            res["toxicity"] = toxicity_study(model, tok, mname, cfg, store, bar)
-        res["concepts"] = {s: concept_study(model, tok, mname, s, cfg, store, bar) for s in cfg.concept_sets}
-        results[mname] = res
-        del model
+        if time.perf_counter() > deadline and store.get(seconds_key(task, cfg)) is None:
+            skipped.append(task)  # past the budget, only finished tasks are read back
+            continue
+        bar.set_postfix_str(task.label())
+        if loaded is None or loaded[0] != task.model:
+            loaded = None  # free the previous model before loading the next
+            try:
+                loaded = (task.model, *load(task.model))
+            except ModelUnavailableError as err:
+                missing[task.model] = str(err)
+                continue
+        done[task] = run_task(loaded[1], loaded[2], task, cfg, store)
     bar.close()
+    notes = [f"**{m} skipped**: not installed here ({err})" for m, err in missing.items()]
     notes += [f"fit warning, {w}" for w in dict.fromkeys(store.notes)]
-    write_report(md, results, notes, cfg, time.perf_counter() - t0)
+    write_report(md, collect(done, cfg), notes, cfg, time.perf_counter() - t0, done, skipped)
     print(f"wrote {md} ({time.perf_counter() - t0:.0f} s)")
     return md
 

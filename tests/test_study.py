@@ -81,7 +81,11 @@ def test_tiny_study_writes_a_table_per_metric_with_intervals_and_plots(tiny_run)
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / png).stat().st_size > 5_000  # a real figure, referenced relative to the report
     assert {p.name for p in (out / "study").glob("*.png")} == {"tiny-toxicity.png", "tiny-concepts.png"}
-    assert "How to run it" in md and "an estimate, not a measurement" in md
+    assert "How to run it" in md and "Partial report" not in md
+    progress = md.split("## Progress and cost")[1].split("##")[0]
+    n_tasks = len(study.plan(cfg))
+    assert f"Computing the {n_tasks} finished tasks took" in progress
+    assert "toxicity tasks" in progress and "concept tasks" in progress
 
 
 def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
@@ -108,6 +112,38 @@ def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
     assert _points(out / "store") == n_points
     strip = re.compile(r"This run took [\d.]+ h\.")
     assert strip.sub("", md_path.read_text()) == strip.sub("", before)
+
+
+def test_an_hours_budget_reads_finished_tasks_back_and_lists_the_rest(tiny_run, tmp_path, monkeypatch):
+    """Past the budget no task is started, finished ones are still read back, and the report says what is
+    missing: a fresh store with no time gets no results and names every task; the finished store is whole."""
+    out, md_path = tiny_run
+    cfg = study.CONFIGS["tiny"]
+    tasks = study.plan(cfg)
+    # The order of the work: the claims' steerers on toxicity, then the concepts, then the other steerers.
+    kinds = [(t.kind == "toxicity", t.steerer in study.PRIORITY) for t in tasks]
+    first_concept = kinds.index((False, True))
+    assert first_concept > 0 and all(k == (True, True) for k in kinds[:first_concept])
+    last_concept = len(kinds) - 1 - kinds[::-1].index((False, True))
+    assert all(k == (True, False) for k in kinds[last_concept + 1 :]) and last_concept + 1 < len(kinds)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("started a task past the budget")
+
+    monkeypatch.setattr(study.dsas, "fit", refuse)
+    monkeypatch.setattr("dsas.sweep.evaluate_point", refuse)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fresh = study.main(["--config", "tiny", "--out", str(tmp_path), "--hours", "1e-9"]).read_text()
+        whole = study.main(["--config", "tiny", "--out", str(out), "--hours", "1e-9"]).read_text()
+    finally:
+        torch.set_num_threads(threads)
+    assert f"**Partial report: {len(tasks)} of {len(tasks)} tasks are not run yet**" in fresh
+    assert "* tiny toxicity: caa, seeds 0, 1" in fresh and "### Claims" not in fresh
+    assert "Partial report" not in whole and "### Claims (concepts)" in whole
 
 
 def test_only_the_full_configuration_may_write_docs_study_md(capsys):
