@@ -443,10 +443,11 @@ def test_pooled_fit_steers_every_site_from_the_first_regulator_up(llama, tiny_to
         dsas.DSASConfig(scope="below", inactive="vanilla")
 
 
-def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_sets):
+@pytest.mark.parametrize("split", [None, 0.5])
+def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_sets, split):
     """The pool lives within one forward pass, which torch.compile traces whole: one graph, no break
-    (fullgraph=True raises on any), the same logits as eager."""
-    st = dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below")
+    (fullgraph=True raises on any), the same logits as eager; with a split too (readers of mult 0)."""
+    st = dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below", split=split)
     enc = tiny_tok(PROMPTS[:1], return_tensors="pt")
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -462,6 +463,71 @@ def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_se
     assert counter.frame_count == 1  # no recompile for the second pass
     with torch.no_grad():
         assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def split_steerer(arch_model, tiny_tok, engine_sets):
+    """DSASConfig.split: the regulators of the lower half decide one pooled gate for the upper half."""
+    return dsas.fit(
+        arch_model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below", split=0.5
+    )
+
+
+def test_split_gate_reads_only_unsteered_sites_and_keeps_every_invariant(
+    arch_model, left_tok, split_steerer, tmp_path
+):
+    """Under the split nothing is steered (readers have mult 0), above it every site is, all with the sigmoid of
+    the mean logit of the readers as they are in the *unsteered* model -- steering cannot move its own gate."""
+    st = split_steerer
+    names = st.site_names
+    k = round(0.5 * len(names))
+    readers = [s for s in st.steered if names.index(s) < k]
+    assert readers and st.steered[len(readers) :] == names[k:]
+    assert all(st.gates[s].mult == 0.0 and st.gates[s].w is not None for s in readers)
+    assert all(st.gates[s].kind == "pooled" for s in names[k:])
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        get_module(arch_model, s).register_forward_hook(
+            lambda _m, _a, out, s=s: seen.__setitem__(s, output_tensor(out).detach().double())
+        )
+        for s in readers
+    ]
+    try:
+        with torch.no_grad():
+            arch_model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    logit = torch.stack([seen[s] @ st.gates[s].w.double() + st.gates[s].b for s in readers]).mean(0)
+    expected = torch.sigmoid(logit)[real]
+    for lam in (2.0, 8.0):  # the same gate at any strength: what it reads is never steered
+        with torch.no_grad(), st.apply(arch_model, lam, trace=True) as tr:
+            out = arch_model(**enc).logits
+        for s in names[k:]:
+            torch.testing.assert_close(tr.scales[s][real].double() / lam, expected, rtol=1e-4, atol=1e-5)
+        for s in readers:
+            assert not tr.scales[s].any()
+    ref = _pooled_reference(arch_model, st, enc, 8.0)
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(out[real], arch_model(**enc).logits[real], atol=1e-3)
+    _generation_invariants(arch_model, left_tok, st, enc)
+    st.save(tmp_path / "s")
+    back = dsas.Steerer.load(tmp_path / "s", model=arch_model)
+    assert [back.gates[s].mult for s in back.steered] == [st.gates[s].mult for s in st.steered]
+    with torch.no_grad(), back.apply(arch_model, strength=8.0):
+        assert torch.equal(arch_model(**enc).logits, out)
+
+
+def test_split_refuses_what_it_cannot_do(llama, tiny_tok, engine_sets):
+    with pytest.raises(ValueError, match="split"):
+        dsas.DSASConfig(scope="token", split=0.5)
+    with pytest.raises(ValueError, match="split"):
+        dsas.DSASConfig(split=1.0)
+    with pytest.raises(ValueError, match="accurate regulators under the split"):
+        dsas.fit(llama, tiny_tok, engine_sets, progress=False, acc_threshold=1.0, scope="below", split=0.5)
 
 
 @pytest.fixture(scope="module", params=["token", "below"])

@@ -117,7 +117,7 @@ def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
 def test_an_hours_budget_reads_finished_tasks_back_and_lists_the_rest(tiny_run, tmp_path, monkeypatch):
     """Past the budget no task is started, finished ones are still read back, and the report says what is
     missing: a fresh store with no time gets no results and names every task; the finished store is whole."""
-    out, md_path = tiny_run
+    out, _ = tiny_run
     cfg = study.CONFIGS["tiny"]
     tasks = study.plan(cfg)
     # The order of the work: the claims' steerers on toxicity, then the concepts, then the other steerers.

@@ -322,6 +322,11 @@ def _gate_dsas(ctx: FitContext) -> Gates:
     cfg = ctx.options["dsas"] = resolve_scope(ctx.options["dsas"], ctx.data.kind == "text")
     if cfg.scope != "token" and ctx.data.kind != "text":
         raise ValueError(f"scope={cfg.scope!r} follows a token sequence; for images use scope='token'.")
+    if cfg.split is not None and cfg.scope != "below":
+        raise ValueError(
+            f"DSASConfig.split needs the pooled gates of scope='below' (token sequences, inactive='off'); this "
+            f"fit resolved to scope={cfg.scope!r}. Drop split or fit a language model with inactive='off'."
+        )
     pool = "all" if cfg.features == "tokens" else "mean"
     negatives = ["control", "target"] if cfg.negatives == "control+target" else ["control"]
     src, ctl = ctx.acts("source", pool), _joined([ctx.acts(k, pool) for k in negatives])
@@ -343,7 +348,28 @@ def _gate_dsas(ctx: FitContext) -> Gates:
         for s in ctx.sites:
             if not stats[s.name]["active"]:
                 gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, "below", cfg.floor)
+        if cfg.split is not None:
+            gates, steered = _split(ctx, cfg.split, gates, stats)
     return Gates(gates, steered, stats)
+
+
+def _split(
+    ctx: FitContext, split: float, gates: dict[str, SiteGate], stats: dict[str, Any]
+) -> tuple[dict[str, SiteGate], list[str]]:
+    """DSASConfig.split: the accurate regulators under the split only add their logit to the pool (mult 0:
+    their site is left as it is); every site above reads the pool and is steered."""
+    k = round(split * len(ctx.sites))
+    readers = [s.name for s in ctx.sites[:k] if stats[s.name]["active"]]
+    if not readers or k >= len(ctx.sites):
+        raise ValueError(
+            f"DSASConfig.split={split} leaves {len(readers)} accurate regulators under the split and "
+            f"{len(ctx.sites) - k} sites above it, of {len(ctx.sites)}: both must be at least one. Raise or "
+            "lower split, or fit on more prompts (the per-site accuracies are in the steerer's stats)."
+        )
+    out = {n: dataclasses.replace(gates[n], mult=0.0) for n in readers}
+    out |= {s.name: SiteGate("pooled", None, 0.0, 1.0, "below", gates[s.name].floor) for s in ctx.sites[k:]}
+    steered = [s.name for s in ctx.sites if s.name in out]
+    return {**gates, **out}, steered
 
 
 def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float]]:

@@ -127,6 +127,12 @@ class DSASConfig:
     floor: float = 0.0
     """Gate values under this are exactly 0: g = max(0, (sigmoid - floor) / (1 - floor)), so a fully open gate
     is still 1 but a barely open one leaves the activation bit for bit as it was. 0 is the paper's sigmoid."""
+    split: float | None = None
+    """Scope "below" only: the regulators of the lowest `split` fraction of the sites decide the gate, and only
+    the sites above them are steered, all with that one pooled gate per token. Nothing the gate reads has been
+    steered (no site under the split is, in this token or any earlier one), so steering cannot close its own
+    gate: the "read on the unsteered stream" without a second pass. None: every site from the first accurate
+    regulator up is steered and reads the regulators at or below it."""
 
     @classmethod
     def removal(cls, **overrides: Any) -> DSASConfig:
@@ -153,6 +159,11 @@ class DSASConfig:
             )
         if not 0 <= self.floor < 1:
             raise ValueError("DSASConfig.floor must lie in [0, 1).")
+        if self.split is not None and (self.scope not in ("auto", "below") or not 0 < self.split < 1):
+            raise ValueError(
+                "DSASConfig.split is a fraction of the sites in (0, 1) and needs the pooled gates of "
+                f"scope='below' (got split={self.split!r}, scope={self.scope!r})."
+            )
         if self.control_fpr is not None and not 0 < self.control_fpr < 1:
             raise ValueError(
                 "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."
