@@ -146,17 +146,19 @@ def test_request_and_operator_parsing():
             parse_request(bad, names)
 
 
-def test_pooled_rows_read_the_mean_logit_of_their_steerers_regulators_so_far():
+@pytest.mark.parametrize("first_mult", [1.0, 0.0])
+def test_pooled_rows_read_the_mean_logit_of_their_steerers_regulators_so_far(first_mult):
     """Three sites in forward order; steerer 1 pooled (regulator, borrower, regulator), steerer 2 a per-token
     sigmoid gate at every site, row 0 unsteered, all in one step. Each pooled token's gate at site k is
     sigmoid(mean of its steerer's regulator logits at or below k), floored; the pool restarts at the first
-    regulator, so a stale pool from an earlier pass changes nothing."""
+    regulator, so a stale pool from an earlier pass changes nothing. With `first_mult` 0 the first site is a
+    reader of `DSASConfig.split`: its logit joins the pool, its output is left exactly as it is."""
     from dsas.serving.op import steer_pooled
 
     g = torch.Generator().manual_seed(5)
     r = lambda: torch.randn(D, generator=g)  # noqa: E731
     pooled = [
-        SiteParams(r(), w=0.3 * r(), b=0.2, floor=0.5, pool=True),
+        SiteParams(r(), w=0.3 * r(), b=0.2, mult=first_mult, floor=0.5, pool=True),
         SiteParams(r(), floor=0.5, pool=True),
         SiteParams(r(), w=0.3 * r(), b=-0.1, floor=0.5, pool=True),
     ]
@@ -181,6 +183,9 @@ def test_pooled_rows_read_the_mean_logit_of_their_steerers_regulators_so_far():
         for t in range(n):
             row = int(rows[t])
             if row == 0:
+                assert torch.equal(y[t], hs[k][t])
+                continue
+            if row == 1 and p.mult == 0:
                 assert torch.equal(y[t], hs[k][t])
                 continue
             if row == 1:
