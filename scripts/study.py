@@ -511,18 +511,19 @@ class Task:
 
 def plan(cfg: StudyConfig) -> list[Task]:
     """Every task, in the order they run: the toxicity claims' steerers (PRIORITY) on every model first, then
-    the concept sets, then the other toxicity steerers; a run stopped by `--hours` has the core of the study."""
+    the concept sets, then the other toxicity steerers, each part seed by seed (every model and steerer at the
+    first seed, then at the next): a run stopped by `--hours` has the core of the study on both models."""
     first = [n for n in cfg.steerers if n in PRIORITY]
     rest = [n for n in cfg.steerers if n not in PRIORITY]
-    tasks = [Task(m, "toxicity", n, s) for m in cfg.models for n in first for s in cfg.seeds]
+    tasks = [Task(m, "toxicity", n, s) for s in cfg.seeds for m in cfg.models for n in first]
     tasks += [
         Task(m, c, n, s)
+        for s in cfg.seeds
         for m in cfg.models
         for c in cfg.concept_sets
         for n in cfg.concept_steerers
-        for s in cfg.seeds
     ]
-    tasks += [Task(m, "toxicity", n, s) for m in cfg.models for n in rest for s in cfg.seeds]
+    tasks += [Task(m, "toxicity", n, s) for s in cfg.seeds for m in cfg.models for n in rest]
     return tasks
 
 

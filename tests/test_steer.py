@@ -368,9 +368,11 @@ def pooled_steerer(arch_model, tiny_tok, engine_sets):
     return dataclasses.replace(st, gates=gates)
 
 
-def _pooled_reference(model, steerer, enc, lam):
+def _pooled_reference(model, steerer, enc, lam, latched=False):
     """The definition, written out with plain forward hooks: at each steered site in forward order, add its
-    regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h)."""
+    regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h);
+    `latched` (scope "below+prefix"): the pool mean's running mean over the real tokens so far."""
+    real = enc["attention_mask"].double()
     pool: list[torch.Tensor] = []
     hooks = []
 
@@ -381,7 +383,10 @@ def _pooled_reference(model, steerer, enc, lam):
             h = output_tensor(out).double()
             if g.w is not None:
                 pool.append(h @ g.w.double() + g.b)
-            gate = torch.sigmoid(torch.stack(pool).mean(0))
+            s = torch.stack(pool).mean(0)
+            if latched:
+                s = torch.cumsum(s * real, 1) / torch.cumsum(real, 1).clamp_min(1)
+            gate = torch.sigmoid(s)
             delta = m.shift.double() + (0 if m.scale is None else m.scale.double() * h)
             y = h + lam * g.mult * gate[..., None] * delta
             return replace_output(out, y.to(output_tensor(out).dtype))
@@ -463,6 +468,48 @@ def test_pooled_gate_under_torch_compile_equals_eager(llama, tiny_tok, engine_se
     assert counter.frame_count == 1  # no recompile for the second pass
     with torch.no_grad():
         assert not torch.allclose(llama(**enc).logits, eager, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def latched_steerer(arch_model, tiny_tok, engine_sets):
+    """scope="below+prefix", with every second steered site a borrower (as for `pooled_steerer`)."""
+    st = dsas.fit(arch_model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below+prefix")
+    gates = dict(st.gates)
+    for name in st.steered[1::2]:
+        gates[name] = SiteGate("pooled", None, 0.0, 1.0, "below+prefix")
+    return dataclasses.replace(st, gates=gates)
+
+
+def test_latched_pooled_gate_reads_the_running_mean_of_the_pool(arch_model, left_tok, latched_steerer):
+    st = latched_steerer
+    assert {st.gates[s].scope for s in st.steered} == {"below+prefix"}
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    ref = _pooled_reference(arch_model, st, enc, 3.0, latched=True)
+    with torch.no_grad(), st.apply(arch_model, 3.0):
+        out = arch_model(**enc).logits
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    per_token = _pooled_reference(arch_model, st, enc, 3.0)
+    assert not torch.allclose(
+        out[real], per_token[real], atol=1e-3
+    )  # the running mean is not the token's own
+
+
+def test_latched_pooled_gate_keeps_every_invariant_and_refuses_beams(
+    arch_model, left_tok, latched_steerer, tmp_path
+):
+    st = latched_steerer
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    _generation_invariants(arch_model, left_tok, st, enc)
+    with torch.no_grad(), st.apply(arch_model, strength=6.0):
+        steered = arch_model(**enc).logits
+    st.save(tmp_path / "l")
+    back = dsas.Steerer.load(tmp_path / "l", model=arch_model)
+    assert [back.gates[s].scope for s in back.steered] == [st.gates[s].scope for s in st.steered]
+    with torch.no_grad(), back.apply(arch_model, strength=6.0):
+        assert torch.equal(arch_model(**enc).logits, steered)
+    with pytest.raises(ValueError, match="beam search"), st.apply(arch_model, 2.0):
+        arch_model.generate(**left_tok(PROMPTS[:1], return_tensors="pt"), max_new_tokens=2, num_beams=2)
 
 
 @pytest.fixture(scope="module")

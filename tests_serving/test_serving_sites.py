@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -75,13 +76,16 @@ def test_a_steerer_for_another_model_is_refused_naming_it_and_the_mismatch(steer
         load_steerers({"gone": steerer_dirs["tox"].parent / "missing"}, cfg, None)
 
 
-def test_prefix_scope_gates_are_refused(steerer_dirs: dict[str, Path], tmp_path: Path):
-    st = dsas.Steerer.load(steerer_dirs["tox"])
+@pytest.mark.parametrize(("source", "scope"), [("tox", "prefix"), ("pool", "below+prefix")])
+def test_running_mean_gates_are_refused(
+    steerer_dirs: dict[str, Path], tmp_path: Path, source: str, scope: str
+):
+    st = dsas.Steerer.load(steerer_dirs[source])
     for name in st.steered:
-        st.gates[name] = dataclasses.replace(st.gates[name], scope="prefix")
+        st.gates[name] = dataclasses.replace(st.gates[name], scope=scope)
     st.save(tmp_path / "prefix")
     cfg = tf.AutoConfig.from_pretrained(_checkpoint())
-    with pytest.raises(ValueError, match=r"steerer 'p' .*scope='prefix'"):
+    with pytest.raises(ValueError, match=rf"steerer 'p' .*scope='{re.escape(scope)}'"):
         load_steerers({"p": tmp_path / "prefix"}, cfg, None)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
-from dsas.gates import DSASConfig, SiteGate, fit_regulator, resolve_scope
+from dsas.gates import POOLED_SCOPES, DSASConfig, SiteGate, fit_regulator, resolve_scope
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
 from dsas.options import check_fields
 from dsas.record import record
@@ -322,9 +322,9 @@ def _gate_dsas(ctx: FitContext) -> Gates:
     cfg = ctx.options["dsas"] = resolve_scope(ctx.options["dsas"], ctx.data.kind == "text")
     if cfg.scope != "token" and ctx.data.kind != "text":
         raise ValueError(f"scope={cfg.scope!r} follows a token sequence; for images use scope='token'.")
-    if cfg.split is not None and cfg.scope != "below":
+    if cfg.split is not None and cfg.scope not in POOLED_SCOPES:
         raise ValueError(
-            f"DSASConfig.split needs the pooled gates of scope='below' (token sequences, inactive='off'); this "
+            f"DSASConfig.split needs pooled gates (scope {POOLED_SCOPES}: token sequences, inactive='off'); this "
             f"fit resolved to scope={cfg.scope!r}. Drop split or fit a language model with inactive='off'."
         )
     pool = "all" if cfg.features == "tokens" else "mean"
@@ -340,24 +340,26 @@ def _gate_dsas(ctx: FitContext) -> Gates:
         stats[s.name] = {"active": r.active, **r.stats}
         if r.steered:
             steered.append(s.name)
-    if cfg.scope == "below":
+    if cfg.scope in POOLED_SCOPES:
         # From the first accurate regulator up, every site is steered: accurate ones add their logit to the
         # pool, the others read it (model order is forward order).
         first = next((i for i, s in enumerate(ctx.sites) if stats[s.name]["active"]), len(ctx.sites))
         steered = [s.name for s in ctx.sites[first:]]
         for s in ctx.sites:
             if not stats[s.name]["active"]:
-                gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, "below", cfg.floor)
+                gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor)
         if cfg.split is not None:
-            gates, steered = _split(ctx, cfg.split, gates, stats)
+            gates, steered = _split(ctx, cfg, gates, stats)
     return Gates(gates, steered, stats)
 
 
 def _split(
-    ctx: FitContext, split: float, gates: dict[str, SiteGate], stats: dict[str, Any]
+    ctx: FitContext, cfg: DSASConfig, gates: dict[str, SiteGate], stats: dict[str, Any]
 ) -> tuple[dict[str, SiteGate], list[str]]:
     """DSASConfig.split: the accurate regulators under the split only add their logit to the pool (mult 0:
     their site is left as it is); every site above reads the pool and is steered."""
+    split = cfg.split
+    assert split is not None
     k = round(split * len(ctx.sites))
     readers = [s.name for s in ctx.sites[:k] if stats[s.name]["active"]]
     if not readers or k >= len(ctx.sites):
@@ -367,7 +369,7 @@ def _split(
             "lower split, or fit on more prompts (the per-site accuracies are in the steerer's stats)."
         )
     out = {n: dataclasses.replace(gates[n], mult=0.0) for n in readers}
-    out |= {s.name: SiteGate("pooled", None, 0.0, 1.0, "below", gates[s.name].floor) for s in ctx.sites[k:]}
+    out |= {s.name: SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor) for s in ctx.sites[k:]}
     steered = [s.name for s in ctx.sites if s.name in out]
     return {**gates, **out}, steered
 

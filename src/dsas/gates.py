@@ -5,7 +5,8 @@
            with a floor f, mult * max(0, (sigmoid - f) / (1 - f)) (`DSASConfig.floor`).
 * relu:    g = mult * relu(w . z + b)      -- the E2E-DSAS ReLU gate.
 * pooled:  g = mult * sigmoid(mean of the logits of the regulators at or below the site) -- a site without a
-           regulator of its own under `DSASConfig.scope="below"`.
+           regulator of its own under `DSASConfig.scope="below"` (or "below+prefix": that mean's running mean
+           over the sequence).
 
 The CAST-style threshold baseline decides once per prompt: it lives whole in `dsas.condition`.
 
@@ -32,7 +33,9 @@ from dsas import rule
 from dsas.options import check_fields
 
 GATE_KINDS = ("const", "sigmoid", "relu", "pooled")
-GATE_SCOPES = ("token", "prefix", "below")
+GATE_SCOPES = ("token", "prefix", "below", "below+prefix")
+POOLED_SCOPES = ("below", "below+prefix")
+"""Scopes whose gate pools the logits of the regulators at or below the site in a forward pass."""
 
 
 @dataclass
@@ -40,8 +43,8 @@ class SiteGate:
     """g(z) = mult * phi(w . z + b), phi in {sigmoid, relu}; or g = mult for kind "const".
 
     scope "token" reads each token's z; "prefix" reads the mean of w . z over the sequence so far; "below" reads
-    the mean logit of the regulators at or below the site (see `DSASConfig.scope`). A "pooled" gate has no w:
-    it only reads that mean."""
+    the mean logit of the regulators at or below the site, "below+prefix" that mean's running mean over the
+    sequence (see `DSASConfig.scope`). A "pooled" gate has no w: it only reads the pool."""
 
     kind: str = "const"
     w: torch.Tensor | None = None
@@ -57,8 +60,10 @@ class SiteGate:
         if self.scope not in GATE_SCOPES:
             raise ValueError(f"gate scope {self.scope!r} is not one of {GATE_SCOPES}.")
         if self.kind == "pooled":
-            if self.scope != "below" or self.w is not None:
-                raise ValueError("a pooled gate has scope 'below' and no weight vector of its own.")
+            if self.scope not in POOLED_SCOPES or self.w is not None:
+                raise ValueError(
+                    f"a pooled gate has a scope of {POOLED_SCOPES} and no weight vector of its own."
+                )
         elif self.kind != "const" and self.w is None:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
         if not 0 <= self.floor < 1 or (self.floor and self.kind not in ("sigmoid", "pooled")):
@@ -98,7 +103,7 @@ class DSASConfig:
     temperature: float = 1.0
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
-    scope: Literal["auto", "token", "prefix", "below"] = "auto"
+    scope: Literal["auto", "token", "prefix", "below", "below+prefix"] = "auto"
     """What the gate reads at run time. "auto" (default): "below" for a language model, "token" for images or
     when `inactive` keeps sites under the threshold (which "below" steers anyway); `fit` saves the scope it
     chose. "token": each token's activation (the paper). "prefix": the mean of the
@@ -110,7 +115,11 @@ class DSASConfig:
     in the same forward pass (each reading its own site's output). Sites whose own regulator fails
     `acc_threshold` borrow that pooled gate instead of being switched off, and several regulators agreeing make
     a sharper decision than one; `inactive` does not apply. Token sequences only; torch.compile traces the pool
-    within its graph, and vLLM serving keeps it in a per-token buffer (`torch.ops.dsas.steer_pooled`)."""
+    within its graph, and vLLM serving keeps it in a per-token buffer (`torch.ops.dsas.steer_pooled`).
+    "below+prefix": both poolings, i.e. each regulator read on the running token-mean of its site, exactly the
+    kind of example it was fitted on (w . mean(z) + b is the mean of the logits), then averaged over the
+    regulators at or below the site. The gate latches onto a prompt's topic instead of reading it token by token
+    (concept induction: docs/concepts.md). Eager generation only, like "prefix"."""
     control_fpr: float | None = None
     """Calibrate the midpoint on the control set instead of the logistic regression's 0: shift the logit so that
     this fraction of control examples (weighted tokens with features="tokens") scores above it, i.e. gets
@@ -152,14 +161,14 @@ class DSASConfig:
             raise ValueError("DSASConfig.acc_threshold must lie in [0.5, 1].")
         if self.temperature <= 0:
             raise ValueError("DSASConfig.temperature must be > 0.")
-        if self.scope == "below" and self.inactive != "off":
+        if self.scope in POOLED_SCOPES and self.inactive != "off":
             raise ValueError(
                 "DSASConfig.scope='below' steers sites under the threshold with the pooled gate already; "
                 "leave inactive='off'."
             )
         if not 0 <= self.floor < 1:
             raise ValueError("DSASConfig.floor must lie in [0, 1).")
-        if self.split is not None and (self.scope not in ("auto", "below") or not 0 < self.split < 1):
+        if self.split is not None and (self.scope not in ("auto", *POOLED_SCOPES) or not 0 < self.split < 1):
             raise ValueError(
                 "DSASConfig.split is a fraction of the sites in (0, 1) and needs the pooled gates of "
                 f"scope='below' (got split={self.split!r}, scope={self.scope!r})."

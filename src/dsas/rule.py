@@ -38,10 +38,11 @@ class SiteParams:
     mult: float | torch.Tensor = 1.0
     relu: bool | torch.Tensor = False
     prefix: bool = False
-    """The gate reads the running mean of w . z over the sequence (`prefix_logit`), not each token's."""
+    """The gate reads the running mean of its logit over the sequence (`prefix_logit`), not each token's."""
     pool: bool = False
-    """The gate reads the mean logit w_k . z_k + b_k of the pooled regulators at or below this site in the
-    forward pass (`DSASConfig.scope="below"`); `w`, `b`, when set, are this site's own contribution."""
+    """The gate's logit is the mean logit w_k . z_k + b_k of the pooled regulators at or below this site in the
+    forward pass (`DSASConfig.scope="below"`, or "below+prefix" with `prefix`); `w`, `b`, when set, are this
+    site's own contribution."""
     floor: float | torch.Tensor = 0.0
     """A sigmoid gate reads max(0, (sigmoid - floor) / (1 - floor)) (`DSASConfig.floor`)."""
 
@@ -58,7 +59,7 @@ class SiteParams:
         assert shift is not None
         w = mv(g.w) if g.kind not in ("const", "pooled") else None
         scope = getattr(g, "scope", "token")
-        prefix = w is not None and scope == "prefix"
+        prefix = (w is not None and scope == "prefix") or scope == "below+prefix"
         return cls(
             shift,
             mv(m.scale),
@@ -69,7 +70,7 @@ class SiteParams:
             float(g.mult),
             g.kind == "relu",
             prefix,
-            scope == "below",
+            scope in ("below", "below+prefix"),
             float(getattr(g, "floor", 0.0)),
         )
 

@@ -477,7 +477,7 @@ def _site_hook(
             h = output_tensor(out, index)
             check_width(site, h, dim)
             p = on(h.device)
-            if params.prefix:
+            if params.prefix and not params.pool:
                 return replace_output(out, _prefix_site(name, h, p, state), index)
             read = reads.get(h.device)
             if read is None:
@@ -538,30 +538,39 @@ def _rule_with_logits(
     return y if h.dim() == 3 else y[:, 0]
 
 
-def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -> torch.Tensor:
-    """A prefix-scope gate: the rule with each token's logit replaced by its running mean over the sequence,
-    carried across the passes of one sequence (prefill, then every cached decode step)."""
-    x = _token_sequence(name, h, "a prefix-scope gate")
-    assert p.w is not None
-    b, t = x.shape[:2]
+def _running_mean(name: str, s: torch.Tensor, state: SteerState) -> torch.Tensor:
+    """Each token's logit s [B, T] replaced by its running mean over the sequence, carried across the passes of
+    one sequence (prefill, then every cached decode step)."""
+    b, t = s.shape
     carry = state.carries.get(name)
     if carry is None or carry[0].shape[0] != b:
         if state.offset > 0 and carry is not None:
             raise ValueError(
                 f"Site {name}: the batch changed from {carry[0].shape[0]} to {b} rows mid-sequence."
             )
-        zero = torch.zeros(b, device=h.device)
+        zero = torch.zeros(b, device=s.device)
         carry = (zero, zero)
-    s, state.carries[name] = prefix_logit(logit(x.float(), p.w), state.real_tokens(b, t, h.device), carry)
-    return _rule_with_logits(name, h, x, p, state, s)
+    out, state.carries[name] = prefix_logit(s, state.real_tokens(b, t, s.device), carry)
+    return out
+
+
+def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -> torch.Tensor:
+    """A prefix-scope gate: the rule with each token's logit replaced by its running mean over the sequence."""
+    x = _token_sequence(name, h, "a prefix-scope gate")
+    assert p.w is not None
+    return _rule_with_logits(name, h, x, p, state, _running_mean(name, logit(x.float(), p.w), state))
 
 
 def _pool_site(
     name: str, h: torch.Tensor, p: SiteParams, read: SiteParams, state: SteerState, first: bool
 ) -> torch.Tensor:
     """Scope "below": add this site's regulator logit w . z + b (if it has one) to the pass's pool, then the rule
-    (`read`: p with b = 0) with each token's logit replaced by the pool's mean."""
-    x = _token_sequence(name, h, "a pooled gate (scope='below')", compiled=True)
+    (`read`: p with b = 0) with each token's logit replaced by the pool's mean; "below+prefix" (`p.prefix`): by
+    that mean's running mean over the sequence."""
+    if p.prefix:
+        x = _token_sequence(name, h, "a pooled running-mean gate (scope='below+prefix')")
+    else:
+        x = _token_sequence(name, h, "a pooled gate (scope='below')", compiled=True)
     if p.w is not None:
         s = logit(x.float(), p.w) + float(p.b)
         if first or state.pool is None or state.pool[0].shape != s.shape:
@@ -573,7 +582,8 @@ def _pool_site(
             f"Site {name} reads the pooled gate of the regulators below it, but none ran before it in this "
             "forward pass: the sites must run in model order."
         )
-    return _rule_with_logits(name, h, x, read, state, state.pool[0] / state.pool[1])
+    s = state.pool[0] / state.pool[1]
+    return _rule_with_logits(name, h, x, read, state, _running_mean(name, s, state) if p.prefix else s)
 
 
 def track_positions(model: nn.Module, state: SteerState) -> Wrapped:

@@ -84,12 +84,16 @@ def load_steerers(
                     "its gate is the prompt-level threshold condition, which needs the whole prompt before "
                     "steering and cannot be served per token; serve a per-token gate (dsas, e2e-*, none)"
                 )
-            prefix = [s for s in st.steered if getattr(st.gates[s], "scope", "token") == "prefix"]
+            scopes = {getattr(st.gates[s], "scope", "token") for s in st.steered}
+            prefix = [
+                s for s in st.steered if getattr(st.gates[s], "scope", "token") in ("prefix", "below+prefix")
+            ]
             if prefix:
                 raise ValueError(
                     f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
-                    "sequence (scope='prefix'), a per-sequence state the per-token serving op does not keep; "
-                    "refit with scope='token' or scope='below'"
+                    f"sequence ({', '.join(f'scope={x!r}' for x in sorted(scopes & {'prefix', 'below+prefix'}))}), "
+                    "a per-sequence state the "
+                    "per-token serving op does not keep; refit with scope='token' or scope='below'"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
