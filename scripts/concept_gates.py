@@ -1,6 +1,6 @@
 """Concept induction with different gates, quickly: CAA, CAA + DSAS with each gate scope ("token": the paper's
 per-site gate; "prefix": the running mean of its logit over the sequence; "below": the pooled logits of the
-regulators at or below each site) and a few other options, on one concept set (docs/concepts.md).
+regulators at or below each site; "below+prefix": both) and a few other options, on one concept set (docs/concepts.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/concept_gates.py --sets concept --only caa caa+dsas "caa+dsas(below)"
 
@@ -39,6 +39,8 @@ GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa+dsas(below)": ("dsas", {"scope": "below"}, [1.5, 2.0, 2.5, 3.0]),
     "caa+dsas(hard)": ("dsas", HARD, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(below,hard)": ("dsas", {"scope": "below", **HARD}, [2.0, 3.0, 4.0, 6.0]),
+    "caa+dsas(below+prefix)": ("dsas", {"scope": "below+prefix"}, [2.0, 3.0, 4.0, 5.0]),
+    "caa+dsas(split)": ("dsas", {"scope": "below", "split": 0.5}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.5)": ("dsas", {"temperature": 0.5}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.25)": ("dsas", {"temperature": 0.25}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(tokens)": ("dsas", {"features": "tokens"}, [2.0, 3.0, 4.0, 6.0]),

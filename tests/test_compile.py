@@ -21,7 +21,17 @@ def compiled_setup(tiny_tok, engine_sets):
     from conftest import make_tiny_model
 
     model = make_tiny_model("llama", len(tiny_tok), layers=2)
-    st = dsas.fit(model, tiny_tok, engine_sets, method="caa", gate="dsas", progress=False, acc_threshold=0.5)
+    # scope "below": the default "below+prefix" keeps a running mean across passes, which compiling leaves out.
+    st = dsas.fit(
+        model,
+        tiny_tok,
+        engine_sets,
+        method="caa",
+        gate="dsas",
+        progress=False,
+        acc_threshold=0.5,
+        scope="below",
+    )
     assert st.steered and all(st.gates[s].kind == "sigmoid" for s in st.steered)
     return model, st, tiny_tok(PROMPTS, return_tensors="pt", padding=True)
 

@@ -152,7 +152,7 @@ def test_a_floor_with_control_fpr_keeps_the_gate_exactly_shut_on_the_rest_of_the
 def test_auto_scope_pools_for_text_and_stays_per_token_for_images_or_kept_sites():
     from dsas.gates import resolve_scope
 
-    assert resolve_scope(DSASConfig(), text=True).scope == "below"
+    assert resolve_scope(DSASConfig(), text=True).scope == "below+prefix"
     assert resolve_scope(DSASConfig(), text=False).scope == "token"
     assert resolve_scope(DSASConfig(inactive="vanilla"), text=True).scope == "token"
     assert resolve_scope(DSASConfig(scope="prefix"), text=True).scope == "prefix"

@@ -35,11 +35,11 @@ def test_regulator_on_real_model(smollm2, fitted):
     active = [r["site"] for r in rows if r["accuracy"] >= 0.75]
     names = [r["site"] for r in rows]
     assert fitted.steered == names[names.index(active[0]) :]
-    assert fitted.config["options"]["dsas"]["scope"] == "below"
+    assert fitted.config["options"]["dsas"]["scope"] == "below+prefix"
     for r in rows:
         g = fitted.gates[r["site"]]
         if r["site"] in fitted.steered:
-            assert g.kind == ("sigmoid" if r["site"] in active else "pooled") and g.scope == "below"
+            assert g.kind == ("sigmoid" if r["site"] in active else "pooled") and g.scope == "below+prefix"
 
 
 def test_strength_zero_and_gate_selectivity(smollm2, fitted):

@@ -323,10 +323,8 @@ def test_prefix_gate_cached_uncached_and_rows_alone_agree(arch_model, left_tok, 
         assert torch.equal(arch_model.generate(**enc, **kw), arch_model.generate(**enc, **kw))
 
 
-def test_prefix_gate_refuses_beam_search_and_survives_save(arch_model, left_tok, prefix_steerer, tmp_path):
-    enc = left_tok(PROMPTS[:1], return_tensors="pt")
-    with pytest.raises(ValueError, match="beam search"), prefix_steerer.apply(arch_model, 2.0):
-        arch_model.generate(**enc, max_new_tokens=2, num_beams=2, pad_token_id=0)
+def test_prefix_gate_follows_beam_search_and_survives_save(arch_model, left_tok, prefix_steerer, tmp_path):
+    _beam_scores_match_a_full_pass(arch_model, left_tok, prefix_steerer, 6.0)
     prefix_steerer.save(tmp_path / "p")
     back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
     assert all(g.scope == "prefix" for g in back.gates.values())
@@ -495,7 +493,34 @@ def test_latched_pooled_gate_reads_the_running_mean_of_the_pool(arch_model, left
     )  # the running mean is not the token's own
 
 
-def test_latched_pooled_gate_keeps_every_invariant_and_refuses_beams(
+def _beam_scores_match_a_full_pass(model, tok, st, strength):
+    """Beam search under a running-mean gate: every returned hypothesis's score is the sum of its tokens'
+    log-probabilities in one uncached steered pass over the whole sequence. The running means must follow the
+    beams that generate() reorders after each step: with them left in place, the scores drift."""
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    kw = dict(
+        max_new_tokens=5,
+        do_sample=False,
+        num_beams=3,
+        num_return_sequences=3,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    with torch.no_grad(), st.apply(model, strength):
+        out = model.generate(**enc, **kw)
+        seqs = out.sequences
+        p = enc["input_ids"].shape[1]
+        mask = torch.cat([enc["attention_mask"].repeat_interleave(3, 0), torch.ones_like(seqs[:, p:])], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() gives left-padded rows (GPT-2 needs it)
+        logits = model(input_ids=seqs, attention_mask=mask, position_ids=pos).logits
+    lp = torch.log_softmax(logits[:, p - 1 : -1].float(), -1).gather(-1, seqs[:, p:, None])[..., 0]
+    torch.testing.assert_close(lp.sum(-1), out.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_latched_pooled_gate_keeps_every_invariant_and_follows_beams(
     arch_model, left_tok, latched_steerer, tmp_path
 ):
     st = latched_steerer
@@ -508,8 +533,7 @@ def test_latched_pooled_gate_keeps_every_invariant_and_refuses_beams(
     assert [back.gates[s].scope for s in back.steered] == [st.gates[s].scope for s in st.steered]
     with torch.no_grad(), back.apply(arch_model, strength=6.0):
         assert torch.equal(arch_model(**enc).logits, steered)
-    with pytest.raises(ValueError, match="beam search"), st.apply(arch_model, 2.0):
-        arch_model.generate(**left_tok(PROMPTS[:1], return_tensors="pt"), max_new_tokens=2, num_beams=2)
+    _beam_scores_match_a_full_pass(arch_model, left_tok, st, 6.0)
 
 
 @pytest.fixture(scope="module")
@@ -615,3 +639,29 @@ def test_floored_gate_is_exactly_shut_on_some_tokens_and_keeps_every_invariant(
     assert all(back.gates[s].floor == 0.5 for s in back.steered)
     with torch.no_grad(), back.apply(arch_model, strength=3.0):
         assert torch.equal(arch_model(**enc).logits, steered)
+
+
+def test_with_scope_reads_the_same_regulators_another_way(
+    arch_model, left_tok, latched_steerer, pooled_steerer, prefix_steerer
+):
+    """A running-mean fit turned into a per-token one is exactly the per-token fit (fitting does not depend on
+    the running mean), and back; the original is untouched; crossing pooled and per-site gates is refused."""
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+
+    def logits(st):
+        with torch.no_grad(), st.apply(arch_model, 6.0):
+            return arch_model(**enc).logits
+
+    below = latched_steerer.with_scope("below")
+    assert {below.gates[s].scope for s in below.steered} == {"below"}
+    assert below.config["options"]["dsas"]["scope"] == "below"
+    assert latched_steerer.config["options"]["dsas"]["scope"] == "below+prefix"
+    assert torch.equal(logits(below), logits(pooled_steerer))
+    assert torch.equal(logits(below.with_scope("below+prefix")), logits(latched_steerer))
+    assert not torch.equal(logits(below), logits(latched_steerer))
+    token = prefix_steerer.with_scope("token")
+    assert {token.gates[s].scope for s in token.steered} == {"token"}
+    with pytest.raises(ValueError, match="refit with scope='token'"):
+        latched_steerer.with_scope("token")
+    with pytest.raises(ValueError, match="not one of"):
+        latched_steerer.with_scope("auto")

@@ -104,13 +104,15 @@ class DSASConfig:
     """g = sigmoid((w.z + b - offset) / temperature); 1 and 0 reproduce the paper."""
     offset: float = 0.0
     scope: Literal["auto", "token", "prefix", "below", "below+prefix"] = "auto"
-    """What the gate reads at run time. "auto" (default): "below" for a language model, "token" for images or
-    when `inactive` keeps sites under the threshold (which "below" steers anyway); `fit` saves the scope it
-    chose. "token": each token's activation (the paper). "prefix": the mean of the
+    """What the gate reads at run time. "auto" (default): "below+prefix" for a language model, "token" for
+    images or when `inactive` keeps sites under the threshold (which the pooled scopes steer anyway); `fit` saves
+    the scope it chose. Fit with "below" to serve with vLLM or run under torch.compile (a running mean over the
+    sequence is a per-sequence state those do not carry; eager generate() carries it, beams included). "token": each token's activation (the
+    paper). "prefix": the mean of the
     gate logit over the sequence so far (the prompt's real tokens and every generated token), which is what the
     regulator was trained on (one token-mean per prompt): once the prompt shows the cue, the continuation keeps
     being steered, where a per-token gate closes on every token that does not itself carry the cue. Eager
-    generation only (no beam search, no torch.compile). "below": every site from the first accurate regulator
+    only (no torch.compile, no vLLM); beam search moves the running means with the beams. "below": every site from the first accurate regulator
     up is steered, each token gated by sigmoid of the mean logit of the accurate regulators at or below the site
     in the same forward pass (each reading its own site's output). Sites whose own regulator fails
     `acc_threshold` borrow that pooled gate instead of being switched off, and several regulators agreeing make
@@ -180,11 +182,11 @@ class DSASConfig:
 
 
 def resolve_scope(cfg: DSASConfig, text: bool) -> DSASConfig:
-    """`cfg` with scope "auto" made concrete: "below" for token sequences when `inactive` is "off", else
-    "token"."""
+    """`cfg` with scope "auto" made concrete: "below+prefix" for token sequences when `inactive` is "off"
+    (docs/concepts.md: the most selective on concepts and toxicity alike), else "token"."""
     if cfg.scope != "auto":
         return cfg
-    return replace(cfg, scope="below" if text and cfg.inactive == "off" else "token")
+    return replace(cfg, scope="below+prefix" if text and cfg.inactive == "off" else "token")
 
 
 @dataclass

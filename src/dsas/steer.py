@@ -389,10 +389,12 @@ def steering_frame(
 
             def make(call: Callable[..., Any]) -> Callable[..., Any]:
                 def generate(*args: Any, **kwargs: Any) -> Any:
-                    if state.prefix and _beams(model, kwargs) > 1:
+                    if state.prefix and _beams(model, kwargs) > 1 and hasattr(model, "_reorder_cache"):
                         raise ValueError(
-                            "This steerer has prefix-scope gates (a running state per sequence), which beam search "
-                            "would reorder: use greedy or sampling, or refit with scope='token'."
+                            "This steerer's gates read a running mean per sequence (scope 'prefix' or "
+                            "'below+prefix'), and this model reorders beams with its own _reorder_cache, which "
+                            "the running means cannot follow: use greedy or sampling, or refit with "
+                            "scope='below' (or 'token')."
                         )
                     with lock:
                         state.generating += 1
@@ -522,8 +524,12 @@ def _token_sequence(name: str, h: torch.Tensor, what: str, compiled: bool = Fals
         raise ValueError(
             f"Site {name} has {what}, which runs on token sequences only"
             + ("" if compiled else " and eagerly")
-            + ": refit with scope='token' for "
-            + ("image sites." if compiled else "torch.compile or image sites.")
+            + (
+                ": refit with scope='token' for image sites."
+                if compiled
+                else ": for torch.compile use steerer.with_scope('below') (pooled gates) or with_scope('token') "
+                "(per-site gates), the same regulators read per token; refit with scope='token' for image sites."
+            )
         )
     return h if h.dim() == 3 else h[:, None]
 
@@ -586,6 +592,25 @@ def _pool_site(
     return _rule_with_logits(name, h, x, read, state, _running_mean(name, s, state) if p.prefix else s)
 
 
+def follow_beams(cache: Any, state: SteerState) -> None:
+    """Make the running means follow beam search: generate() reorders the cache rows after every step
+    (`cache.reorder_cache(beam_idx)`), and the per-row running sums must move with them. The cache lives for
+    one generate() call, so its method is wrapped on the instance, once."""
+    reorder = getattr(cache, "reorder_cache", None)
+    if reorder is None or getattr(reorder, "_dsas_follows", False):
+        return
+
+    def follow(beam_idx: torch.Tensor) -> Any:
+        out = reorder(beam_idx)
+        for name, (s, n) in state.carries.items():
+            i = beam_idx.to(s.device)
+            state.carries[name] = (s[i], n[i])
+        return out
+
+    follow._dsas_follows = True  # type: ignore[attr-defined]
+    cache.reorder_cache = follow
+
+
 def track_positions(model: nn.Module, state: SteerState) -> Wrapped:
     """Wrap the model's forward so the block knows where each pass's tokens start (cache length) and its mask:
     the trace aligns scales with positions, prefix gates carry their running state across decode steps."""
@@ -593,6 +618,8 @@ def track_positions(model: nn.Module, state: SteerState) -> Wrapped:
     def before(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         off, mask, _ = pass_position(args, kwargs)
         state.begin_pass(off, mask)
+        if state.prefix:
+            follow_beams(kwargs.get("past_key_values", kwargs.get("cache")), state)
 
     return wrap_forward(model, before=before)
 

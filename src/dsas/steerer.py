@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,7 +15,7 @@ from torch import nn
 
 from dsas.artifact import check_fingerprint, read_artifact, write_artifact
 from dsas.condition import Condition, conditional_steering
-from dsas.gates import SiteGate
+from dsas.gates import POOLED_SCOPES, SiteGate
 from dsas.maps import SiteMap
 from dsas.sites import Site, fingerprint
 from dsas.steer import Trace, steering
@@ -155,6 +155,33 @@ class Steerer:
                 row["gate_w_norm"] = float(g.w.norm())
             rows.append(row)
         return rows
+
+    def with_scope(self, scope: str) -> Steerer:
+        """The same steerer with its gates read another way: "below" <-> "below+prefix" (pooled gates) or
+        "token" <-> "prefix" (per-site gates). The fit does not depend on the running mean, so this is exact,
+        not a refit: e.g. a default fit (running-mean pooled gates, eager only) becomes servable by vLLM and
+        traceable by torch.compile as scope="below"."""
+        family = {"below": POOLED_SCOPES, "below+prefix": POOLED_SCOPES, "token": ("token", "prefix")}
+        family["prefix"] = family["token"]
+        if scope not in family:
+            raise ValueError(f"scope={scope!r} is not one of {tuple(family)}.")
+        gates = dict(self.gates)
+        for n in self.steered:
+            g = gates[n]
+            if g.kind in ("sigmoid", "relu", "pooled"):
+                if g.scope not in family[scope]:
+                    raise ValueError(
+                        f"Site {n} has scope={g.scope!r}, which reads another set of regulators than "
+                        f"scope={scope!r} (pooled: {POOLED_SCOPES}; per site: token, prefix): refit with "
+                        f"scope={scope!r}."
+                    )
+                gates[n] = replace(g, scope=scope)
+        config = dict(self.config)
+        options = {k: dict(v) if isinstance(v, dict) else v for k, v in config.get("options", {}).items()}
+        if isinstance(options.get("dsas"), dict):
+            options["dsas"]["scope"] = scope
+            config["options"] = options
+        return replace(self, gates=gates, config=config)
 
     # -- artifacts ---------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -93,7 +93,8 @@ def load_steerers(
                     f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
                     f"sequence ({', '.join(f'scope={x!r}' for x in sorted(scopes & {'prefix', 'below+prefix'}))}), "
                     "a per-sequence state the "
-                    "per-token serving op does not keep; refit with scope='token' or scope='below'"
+                    "per-token serving op does not keep; save `Steerer.load(path).with_scope('below')` (pooled gates; "
+                    "'token' for per-site ones: the same regulators read per token, no refit) and serve that"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
