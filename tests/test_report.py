@@ -49,6 +49,7 @@ def _write_run(d):
             "false_steer_rate": 0.0,
             "true_steer_rate": 0.0,
             "samples": [{"prompt": "You are", "continuation": " <b>nice</b>"}],
+            "per_prompt": {"neutral_continuations": [" a", " b", " c", " d"]},
         },
         {
             "key": "caa@1",
@@ -73,6 +74,7 @@ def _write_run(d):
             "mc_acc": 0.6,
             "false_steer_rate": 0.1,
             "true_steer_rate": 0.8,
+            "per_prompt": {"neutral_continuations": [" a", " x", " c", " d"]},
         },
     ]
     (d / "sweep.jsonl").write_text("\n".join(json.dumps(p) for p in pts) + "\n")
@@ -110,6 +112,11 @@ def test_report_contents(tmp_path):
     assert "&lt;b&gt;nice&lt;/b&gt;" in page  # generated text is escaped
     md = (tmp_path / "summary.md").read_text()
     assert "| caa+dsas | 0.2 |" in md
+    # neutral continuations unchanged: 3 of 4 for caa+dsas, 4 of 4 unsteered, none stored for caa
+    header = next(line for line in md.splitlines() if line.startswith("| name | strength"))
+    col = header.split(" | ").index("neutral_unchanged")
+    rows = {r.split(" | ")[0]: r.split(" | ") for r in md.splitlines() if r.startswith("| ") and "@" not in r}
+    assert rows["| caa+dsas"][col] == "0.75" and rows["| unsteered"][col] == "1" and rows["| caa"][col] == ""
 
 
 def test_report_needs_a_sweep(tmp_path):

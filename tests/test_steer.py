@@ -421,16 +421,22 @@ def test_pooled_gate_reads_the_mean_logit_of_the_regulators_below(arch_model, le
 def test_pooled_gate_cached_uncached_rows_alone_zero_strength_and_save(
     arch_model, left_tok, pooled_steerer, tmp_path
 ):
-    st = pooled_steerer
-    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
-    _generation_invariants(arch_model, left_tok, st, enc)
-    with torch.no_grad(), st.apply(arch_model, strength=6.0):
-        steered = arch_model(**enc).logits
-    st.save(tmp_path / "p")
-    back = dsas.Steerer.load(tmp_path / "p", model=arch_model)
-    assert [back.gates[s].kind for s in back.steered] == [st.gates[s].kind for s in st.steered]
-    with torch.no_grad(), back.apply(arch_model, strength=6.0):
-        assert torch.equal(arch_model(**enc).logits, steered)
+    _keeps_invariants_and_survives_save(arch_model, left_tok, pooled_steerer, tmp_path)
+
+
+def _keeps_invariants_and_survives_save(model, tok, st, tmp_path):
+    """Cached = uncached, rows alone = batch, strength 0 exact; save -> load keeps every gate and the logits."""
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    _generation_invariants(model, tok, st, enc)
+    with torch.no_grad(), st.apply(model, strength=6.0):
+        steered = model(**enc).logits
+    st.save(tmp_path / "st")
+    back = dsas.Steerer.load(tmp_path / "st", model=model)
+    assert [(back.gates[s].kind, back.gates[s].scope) for s in back.steered] == [
+        (st.gates[s].kind, st.gates[s].scope) for s in st.steered
+    ]
+    with torch.no_grad(), back.apply(model, strength=6.0):
+        assert torch.equal(model(**enc).logits, steered)
 
 
 def test_pooled_fit_steers_every_site_from_the_first_regulator_up(llama, tiny_tok, engine_sets):
@@ -523,17 +529,8 @@ def _beam_scores_match_a_full_pass(model, tok, st, strength):
 def test_latched_pooled_gate_keeps_every_invariant_and_follows_beams(
     arch_model, left_tok, latched_steerer, tmp_path
 ):
-    st = latched_steerer
-    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
-    _generation_invariants(arch_model, left_tok, st, enc)
-    with torch.no_grad(), st.apply(arch_model, strength=6.0):
-        steered = arch_model(**enc).logits
-    st.save(tmp_path / "l")
-    back = dsas.Steerer.load(tmp_path / "l", model=arch_model)
-    assert [back.gates[s].scope for s in back.steered] == [st.gates[s].scope for s in st.steered]
-    with torch.no_grad(), back.apply(arch_model, strength=6.0):
-        assert torch.equal(arch_model(**enc).logits, steered)
-    _beam_scores_match_a_full_pass(arch_model, left_tok, st, 6.0)
+    _keeps_invariants_and_survives_save(arch_model, left_tok, latched_steerer, tmp_path)
+    _beam_scores_match_a_full_pass(arch_model, left_tok, latched_steerer, 6.0)
 
 
 @pytest.fixture(scope="module")

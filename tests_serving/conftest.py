@@ -2,7 +2,7 @@
 
 Three steerers fitted on the embedded SmolLM2 by `dsas fit`, once per session: CAA + DSAS with the paper's
 per-site gates ("tox": scope="token"), vanilla CAA ("van", a constant gate) and CAA + DSAS with pooled gates
-("pool": the default scope "below", a state across the sites of a pass, here with the floored, calibrated gates
+("pool": scope "below", a state across the sites of a pass, here with the floored, calibrated gates
 of docs/concepts.md). Set DSAS_VLLM_TEST_STEERERS to a folder holding `tox/`, `van/` and `pool/` from earlier runs to skip
 the fits while iterating."""
 

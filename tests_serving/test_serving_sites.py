@@ -76,17 +76,22 @@ def test_a_steerer_for_another_model_is_refused_naming_it_and_the_mismatch(steer
         load_steerers({"gone": steerer_dirs["tox"].parent / "missing"}, cfg, None)
 
 
-@pytest.mark.parametrize(("source", "scope"), [("tox", "prefix"), ("pool", "below+prefix")])
-def test_running_mean_gates_are_refused(
-    steerer_dirs: dict[str, Path], tmp_path: Path, source: str, scope: str
+@pytest.mark.parametrize(
+    ("source", "scope", "per_token"), [("tox", "prefix", "token"), ("pool", "below+prefix", "below")]
+)
+def test_running_mean_gates_are_refused_and_served_per_token(
+    steerer_dirs: dict[str, Path], tmp_path: Path, source: str, scope: str, per_token: str
 ):
     st = dsas.Steerer.load(steerer_dirs[source])
     for name in st.steered:
         st.gates[name] = dataclasses.replace(st.gates[name], scope=scope)
     st.save(tmp_path / "prefix")
     cfg = tf.AutoConfig.from_pretrained(_checkpoint())
-    with pytest.raises(ValueError, match=rf"steerer 'p' .*scope='{re.escape(scope)}'"):
+    with pytest.raises(ValueError, match=rf"steerer 'p' .*scope='{re.escape(scope)}'.*with_scope"):
         load_steerers({"p": tmp_path / "prefix"}, cfg, None)
+    # The fix the message names: the same regulators read per token.
+    st.with_scope(per_token).save(tmp_path / "served")
+    assert set(load_steerers({"p": tmp_path / "served"}, cfg, None)) == {"p"}
 
 
 def _checkpoint() -> str:

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dsas.sweep import load_points, matched_utility_table, pareto_front
+from dsas.sweep import load_points, matched_utility_table, pareto_front, unchanged_neutral
 
 COLORS = {
     "none": "#d62728",
@@ -154,6 +154,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def add_unchanged(points: list[dict[str, Any]], base: dict[str, Any]) -> None:
+    """Set each point's `neutral_unchanged`: the share of held-out neutral prompts whose greedy continuation is
+    the unsteered model's, token for token ("neutral inputs stay untouched", measured). Points stored without
+    per-prompt continuations (earlier versions) are left without it."""
+    if "per_prompt" not in base:
+        return
+    for p in points:
+        if "per_prompt" in p:
+            same = unchanged_neutral(p, base)
+            if same:
+                p["neutral_unchanged"] = sum(same) / len(same)
+
+
 def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
     """Write `report.html` and `summary.md` into `run_dir` from the files a run left there."""
     run = Path(run_dir)
@@ -168,6 +181,7 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
     table_m = matched_utility_table(points, budgets, y="toxicity_mean") if has_mean else []
     mcols = ["name", *[f"toxicity_mean@+{b:.0%}ppl" for b in budgets], "min_toxicity_mean"]
     base = next(p for p in points if p["name"] == "unsteered")
+    add_unchanged(points, base)
     pcols = [
         "name",
         "strength",
@@ -180,6 +194,8 @@ def build_report(run_dir: str | Path, title: str = "dsas report") -> Path:
         "true_steer_rate",
         "seconds",
     ]
+    if any("neutral_unchanged" in p for p in points):
+        pcols.insert(pcols.index("false_steer_rate"), "neutral_unchanged")
     if any("concept_rate" in p for p in points):
         pcols.insert(3, "concept_rate")
         pcols.insert(4, "neutral_concept_rate")

@@ -93,8 +93,9 @@ def load_steerers(
                     f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
                     f"sequence ({', '.join(f'scope={x!r}' for x in sorted(scopes & {'prefix', 'below+prefix'}))}), "
                     "a per-sequence state the "
-                    "per-token serving op does not keep; save `Steerer.load(path).with_scope('below')` (pooled gates; "
-                    "'token' for per-site ones: the same regulators read per token, no refit) and serve that"
+                    "per-token serving op does not keep; serve `Steerer.load(path).with_scope('below')` saved to a new "
+                    "folder (pooled gates; with_scope('token') for per-site ones: the same regulators read per "
+                    "token, no refit), or fit with `dsas fit --option scope=below`"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
