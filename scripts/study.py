@@ -8,14 +8,11 @@ Every fitted steerer (runs/study/steerers/), calibrated strength (runs/study/stu
 (runs/study/<model>/<set>/sweep.sqlite, the content-keyed store of `dsas.sweep.run_sweep`) is stored as soon as
 it exists, so a killed run resumes where it stopped when given the same command.
 
-How long: an estimate, not a measurement (the full run has not been done). From a smoke run on SmolLM2 on this
-shared 2-core CPU (load average ~4, OMP_NUM_THREADS=1): a greedy 32-token continuation costs ~0.4 s per prompt,
-a perplexity evaluation on the 48 Wikipedia paragraphs ~22 s, a CAA + DSAS fit ~13 s. A toxicity point (210 +
-106 continuations, perplexity, 60 MC questions) is then ~3 min, a concept point (200 + 50 continuations) ~2 min,
-a calibration (~9 perplexity evaluations) ~3.5 min. SmolLM2: 43 toxicity points (~2 h) + 42 calibrations
-(~2.5 h) + 9 LinEAS-based fits (~1 h) + 111 concept points (~3.5 h), about 9 h; Gemma-3-270M (twice the
-parameters, a 262k vocabulary) perhaps 1.5-2.5x that. Both models: roughly a day under that load, perhaps half
-on a quiet machine with OMP_NUM_THREADS=2.
+How long: docs/study.md's "Progress and cost" section lists each finished task's measured wall time. On the
+2-core CPU, the first SmolLM2 toxicity task (the unsteered point, two calibrations and two points of CAA) took
+36 min with other jobs beside it for most of the run; 84 tasks on two models are days of such a machine, so the
+run takes `--hours H` and resumes: tasks run in priority order (the toxicity claims' steerers on both models at
+each seed first) and a stopped run writes a partial report listing what is not run yet.
 
     .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
     .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
