@@ -40,6 +40,7 @@ GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa+dsas(hard)": ("dsas", HARD, [2.0, 4.0, 6.0, 8.0]),
     "caa+dsas(below,hard)": ("dsas", {"scope": "below", **HARD}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(below+prefix)": ("dsas", {"scope": "below+prefix"}, [2.0, 3.0, 4.0, 5.0]),
+    "caa+dsas(below+prefix,fpr)": ("dsas", {"scope": "below+prefix", "control_fpr": 0.05}, [3.0, 4.0, 6.0]),
     "caa+dsas(split)": ("dsas", {"scope": "below", "split": 0.5}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.5)": ("dsas", {"temperature": 0.5}, [2.0, 3.0, 4.0, 6.0]),
     "caa+dsas(T=0.25)": ("dsas", {"temperature": 0.25}, [2.0, 3.0, 4.0, 6.0]),
