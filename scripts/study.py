@@ -948,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
 
     t0 = time.perf_counter()
-    deadline = t0 + args.hours * 3600 if args.hours else math.inf
+    deadline = t0 + args.hours * 3600 if args.hours is not None else math.inf
     tasks = plan(cfg)
     done: dict[Task, dict[str, Any]] = {}
     skipped: list[Task] = []
