@@ -110,7 +110,7 @@ def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert _points(out / "store") == n_points
-    strip = re.compile(r"This run took [\d.]+ h\.")
+    strip = re.compile(r"This invocation took [\d.]+ h")
     assert strip.sub("", md_path.read_text()) == strip.sub("", before)
 
 
