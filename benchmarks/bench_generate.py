@@ -44,6 +44,7 @@ from common import (
 
 import dsas
 import dsas.steer
+from dsas.gates import RUNNING_MEAN_SCOPES
 
 CONFIGS: dict[str, tuple[str, str] | None] = {
     "unsteered": None,
@@ -59,7 +60,7 @@ REFERENCE = "dsas-reference"  # the DSAS steerer with FAST_EAGER off: every site
 
 
 def running_mean(st: dsas.Steerer) -> bool:
-    return any(st.gates[n].scope in ("prefix", "below+prefix") for n in st.steered)
+    return any(st.gates[n].scope in RUNNING_MEAN_SCOPES for n in st.steered)
 
 
 def set_fast_eager(on: bool) -> None:

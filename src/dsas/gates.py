@@ -34,8 +34,7 @@ from dsas.options import check_fields
 
 GATE_KINDS = ("const", "sigmoid", "relu", "pooled")
 GATE_SCOPES = ("token", "prefix", "below", "below+prefix")
-POOLED_SCOPES = ("below", "below+prefix")
-"""Scopes whose gate pools the logits of the regulators at or below the site in a forward pass."""
+POOLED_SCOPES, RUNNING_MEAN_SCOPES = rule.POOLED_SCOPES, rule.RUNNING_MEAN_SCOPES
 
 
 @dataclass

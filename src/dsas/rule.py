@@ -19,6 +19,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+POOLED_SCOPES = ("below", "below+prefix")
+"""Gate scopes that pool the logits of the regulators at or below the site in a forward pass."""
+RUNNING_MEAN_SCOPES = ("prefix", "below+prefix")
+"""Gate scopes that read a running mean over the sequence: a per-sequence state that eager generate() keeps
+and that torch.compile and the vLLM op do not."""
+
 _TENSORS = ("shift", "scale", "lo", "hi", "w")
 
 
@@ -59,7 +65,7 @@ class SiteParams:
         assert shift is not None
         w = mv(g.w) if g.kind not in ("const", "pooled") else None
         scope = getattr(g, "scope", "token")
-        prefix = (w is not None and scope == "prefix") or scope == "below+prefix"
+        prefix = scope == "below+prefix" or (scope == "prefix" and w is not None)
         return cls(
             shift,
             mv(m.scale),
@@ -70,7 +76,7 @@ class SiteParams:
             float(g.mult),
             g.kind == "relu",
             prefix,
-            scope in ("below", "below+prefix"),
+            scope in POOLED_SCOPES,
             float(getattr(g, "floor", 0.0)),
         )
 

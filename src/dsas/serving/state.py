@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dsas.artifact import check_fingerprint
-from dsas.rule import SiteParams
+from dsas.rule import RUNNING_MEAN_SCOPES, SiteParams
 from dsas.serving.op import pack_site, unsteered_row
 from dsas.serving.sites import SITE_PATTERNS, vllm_site_name
 from dsas.serving.spec import RequestSteering
@@ -84,18 +84,17 @@ def load_steerers(
                     "its gate is the prompt-level threshold condition, which needs the whole prompt before "
                     "steering and cannot be served per token; serve a per-token gate (dsas, e2e-*, none)"
                 )
-            scopes = {getattr(st.gates[s], "scope", "token") for s in st.steered}
-            prefix = [
-                s for s in st.steered if getattr(st.gates[s], "scope", "token") in ("prefix", "below+prefix")
-            ]
-            if prefix:
+            scope = {s: getattr(st.gates[s], "scope", "token") for s in st.steered}
+            running = {s: x for s, x in scope.items() if x in RUNNING_MEAN_SCOPES}
+            if running:
+                names = list(running)
                 raise ValueError(
-                    f"its gates at {prefix[:2]}{' ...' if len(prefix) > 2 else ''} read the running mean over the "
-                    f"sequence ({', '.join(f'scope={x!r}' for x in sorted(scopes & {'prefix', 'below+prefix'}))}), "
-                    "a per-sequence state the "
-                    "per-token serving op does not keep; serve `Steerer.load(path).with_scope('below')` saved to a new "
-                    "folder (pooled gates; with_scope('token') for per-site ones: the same regulators read per "
-                    "token, no refit), or fit with `dsas fit --option scope=below`"
+                    f"its gates at {names[:2]}{' ...' if len(names) > 2 else ''} read the running mean over the "
+                    f"sequence ({', '.join(f'scope={x!r}' for x in sorted(set(running.values())))}), "
+                    "a per-sequence state the per-token serving op does not keep; serve "
+                    "`Steerer.load(path).with_scope('below')` saved to a new folder (pooled gates; "
+                    "with_scope('token') for per-site ones: the same regulators read per token, no refit), or fit "
+                    "with `dsas fit --option scope=below`"
                 )
             exp = dict(st.fingerprint)
             if isinstance(exp.get("weights"), dict) and isinstance(actual["weights"], dict):
