@@ -98,6 +98,12 @@ def main() -> None:
     ap.add_argument("--sets", default="concept", help="A concept prompt set: concept, animal, pirate.")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-eval", type=int, default=40)
+    ap.add_argument(
+        "--n-fit",
+        type=int,
+        default=32,
+        help="Fit prompts per split, drawn with seed 0 (0: the whole fit split).",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/concept_gates"))
     ap.add_argument("--only", nargs="*", choices=list(GRIDS), help="Steerers to run (default: all).")
     ap.add_argument("--strengths", type=float, nargs="*", help="Override every steerer's strength grid.")
@@ -116,7 +122,7 @@ def main() -> None:
         args.only = [*(args.only or []), name]
     torch.set_num_threads(1)
     model, tok = dsas.load_model(args.model)
-    sets = dsas.load_prompt_sets(args.sets, n=32, seed=0)
+    sets = dsas.load_prompt_sets(args.sets, n=args.n_fit or None, seed=0)
     word = sets.meta["concept_word"]
     keys = list(sets.eval)
     ins = sets.eval[sets.meta.get("eval_in") or keys[0]][: args.n_eval]

@@ -62,6 +62,7 @@ import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
 from dsas.fit import route_options
+from dsas.gates import DSASConfig
 from dsas.models import ModelUnavailableError
 from dsas.sweep import (
     BASELINE,
@@ -89,11 +90,7 @@ STEERERS: dict[str, tuple[str, str]] = {
 STEERER_OPTIONS: dict[str, dict[str, Any]] = {
     # DSASConfig.removal(): hard, calibrated pooled gates that leave neutral text untouched (docs/concepts.md).
     "caa+dsas(removal)": {
-        "scope": "below",
-        "floor": 0.5,
-        "control_fpr": 0.05,
-        "calibrate_on": "tokens",
-        "negatives": "control+target",
+        k: v for k, v in asdict(DSASConfig.removal()).items() if v != getattr(DSASConfig(), k)
     },
 }
 """Fit options that make a steerer what its name says (under the config's `fit_options`)."""

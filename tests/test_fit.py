@@ -150,3 +150,23 @@ def test_target_prompts_can_join_the_regulators_negatives(model, tiny_tok, engin
         g0, g1 = plain.gates[s.name], both.gates[s.name]
         assert g1.value(acts["target"][s.name]).mean() < g0.value(acts["target"][s.name]).mean()
         assert g1.value(acts["source"][s.name]).mean() > g1.value(acts["target"][s.name]).mean()
+
+
+def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok, engine_sets):
+    """control_fpr with calibrate_on="tokens" counts what the gate reads at each control token: for the running-
+    mean scope, the mean of the prompt so far (what it reads while the prompt is read), not the token alone."""
+    import torch
+
+    from dsas.record import record
+
+    opts = dict(acc_threshold=0.5, floor=0.5, control_fpr=0.3, calibrate_on="tokens", progress=False)
+    st = dsas.fit(model, tiny_tok, engine_sets, scope="below+prefix", **opts)
+    sites = [s for s in st.sites if st.gates[s.name].kind == "sigmoid"]
+    assert sites
+    acts = record(model, tiny_tok, engine_sets.control, sites, pool="all", progress=False)
+    for s in sites:
+        toks = acts[s.name]
+        means = torch.cat([t.cumsum(0) / torch.arange(1, len(t) + 1).unsqueeze(1) for t in toks])
+        w = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks])
+        on = float(((st.gates[s.name].value(means) > 0).float() * w).sum() / w.sum())
+        assert abs(on - 0.3) < 1 / len(toks), s.name

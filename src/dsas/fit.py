@@ -27,7 +27,7 @@ from torch import nn
 
 from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
-from dsas.gates import POOLED_SCOPES, DSASConfig, SiteGate, fit_regulator, resolve_scope
+from dsas.gates import POOLED_SCOPES, RUNNING_MEAN_SCOPES, DSASConfig, SiteGate, fit_regulator, resolve_scope
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
 from dsas.options import check_fields
 from dsas.record import record
@@ -318,6 +318,12 @@ def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _running_mean(t: torch.Tensor) -> torch.Tensor:
+    """Row k of the result is the mean of rows 0..k of `t` [K, d] (in float64: a sum over a long prompt)."""
+    n = torch.arange(1, len(t) + 1, dtype=torch.float64).unsqueeze(1)
+    return t.double().cumsum(0) / n
+
+
 def _gate_dsas(ctx: FitContext) -> Gates:
     cfg = ctx.options["dsas"] = resolve_scope(ctx.options["dsas"], ctx.data.kind == "text")
     if cfg.scope != "token" and ctx.data.kind != "text":
@@ -333,6 +339,8 @@ def _gate_dsas(ctx: FitContext) -> Gates:
     tok = None
     if cfg.control_fpr is not None and cfg.calibrate_on == "tokens" and pool == "mean":
         tok = _joined([ctx.acts(k, "all") for k in negatives])
+        if cfg.scope in RUNNING_MEAN_SCOPES:  # what a latched gate reads at each token: the mean so far
+            tok = {k: [_running_mean(t) for t in v] for k, v in tok.items()}
     gates, steered, stats = {}, [], {}
     for s in ctx.sites:
         r = fit_regulator(src[s.name], ctl[s.name], cfg, ctx.fit.seed, None if tok is None else tok[s.name])

@@ -127,7 +127,9 @@ class DSASConfig:
     g > 0.5 -- or, with a `floor`, g > 0 at all. None keeps the paper's midpoint; `offset` is added on top."""
     calibrate_on: Literal["examples", "tokens"] = "examples"
     """What `control_fpr` counts: the regulator's training examples, or the control prompts' tokens, each read
-    alone as the gate reads them at run time (weighted 1/K per prompt)."""
+    as the gate reads it at run time (weighted 1/K per prompt): alone for scopes "token" / "below", as the mean
+    of the prompt up to it for the running-mean scopes "prefix" / "below+prefix" (whose early tokens are means
+    of a few tokens, noisier than a whole prompt's)."""
     negatives: Literal["control", "control+target"] = "control"
     """The regulator's negative class. "control" is the paper's. "control+target" adds the target prompts: where
     the target rewrites the source (a detox pair: same topic, same person, polite), the regulator then learns
@@ -146,11 +148,13 @@ class DSASConfig:
 
     @classmethod
     def removal(cls, **overrides: Any) -> DSASConfig:
-        """Gates for removing a behaviour (detoxification) that leave neutral text untouched: pooled gates,
-        exactly 0 on all but 5% of the control and target prompts' tokens, fitted against control and target
-        (docs/concepts.md, "Hard gates"). Not for concept induction."""
+        """Gates for removing a behaviour (detoxification) that leave neutral text untouched: latched pooled
+        gates, exactly 0 wherever the running mean of a prompt reads like all but 5% of the control and target
+        prompts' running means, fitted against control and target (docs/concepts.md, "Hard gates"). Text only;
+        not for concept induction. Eager generation (the running mean); `Steerer.with_scope("below")` serves
+        the same regulators per token (vLLM, torch.compile)."""
         base: dict[str, Any] = dict(
-            scope="below", floor=0.5, control_fpr=0.05, calibrate_on="tokens", negatives="control+target"
+            scope="below+prefix", floor=0.5, control_fpr=0.05, calibrate_on="tokens", negatives="control+target"
         )
         return cls(**(base | overrides))
 
