@@ -170,3 +170,13 @@ def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok,
         w = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks])
         on = float(((st.gates[s.name].value(means) > 0).float() * w).sum() / w.sum())
         assert abs(on - 0.3) < 1 / len(toks), s.name
+    # Read per token, those offsets no longer count what they were placed on: with_scope says so and names the
+    # refit; gates without a token-counted control_fpr convert silently (exactly).
+    with pytest.warns(UserWarning, match=r"refit with scope='below' \(`dsas fit --option scope=below`\)"):
+        st.with_scope("below")
+    import warnings
+
+    plain = dsas.fit(model, tiny_tok, engine_sets, scope="below+prefix", acc_threshold=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.with_scope("below").with_scope("below+prefix")

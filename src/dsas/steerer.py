@@ -15,7 +15,7 @@ from torch import nn
 
 from dsas.artifact import check_fingerprint, read_artifact, write_artifact
 from dsas.condition import Condition, conditional_steering
-from dsas.gates import POOLED_SCOPES, SiteGate
+from dsas.gates import POOLED_SCOPES, RUNNING_MEAN_SCOPES, SiteGate
 from dsas.maps import SiteMap
 from dsas.sites import Site, fingerprint
 from dsas.steer import Trace, steering
@@ -160,7 +160,10 @@ class Steerer:
         """The same steerer with its gates read another way: "below" <-> "below+prefix" (pooled gates) or
         "token" <-> "prefix" (per-site gates). The fit does not depend on the running mean, so this is exact,
         not a refit: e.g. a default fit (running-mean pooled gates, eager only) becomes servable by vLLM and
-        traceable by torch.compile as scope="below"."""
+        traceable by torch.compile as scope="below". One thing does depend on the reading: a `control_fpr`
+        counted on tokens (`calibrate_on="tokens"`, e.g. `DSASConfig.removal()`) was placed on what the fitted
+        scope reads (running means or single tokens); read the other way, the gates open on a different share of
+        control tokens than asked, so this warns and names the refit that keeps the calibration."""
         family = {"below": POOLED_SCOPES, "below+prefix": POOLED_SCOPES, "token": ("token", "prefix")}
         family["prefix"] = family["token"]
         if scope not in family:
@@ -176,6 +179,22 @@ class Steerer:
                         f"scope={scope!r}."
                     )
                 gates[n] = replace(g, scope=scope)
+        opts = self.config.get("options", {}).get("dsas")
+        if (
+            isinstance(opts, dict)
+            and opts.get("control_fpr") is not None
+            and opts.get("calibrate_on") == "tokens"
+            and (opts.get("scope") in RUNNING_MEAN_SCOPES) != (scope in RUNNING_MEAN_SCOPES)
+        ):
+            read = "running means" if opts.get("scope") in RUNNING_MEAN_SCOPES else "one token at a time"
+            warnings.warn(
+                f"This steerer's control_fpr={opts['control_fpr']} was calibrated on control tokens read as "
+                f"scope={opts.get('scope')!r} reads them ({read}); read as scope={scope!r}, its gates open on a "
+                f"different share of them. To keep the calibration, refit with scope={scope!r} (`dsas fit "
+                f"--option scope={scope}`).",
+                UserWarning,
+                stacklevel=2,
+            )
         config = dict(self.config)
         options = {k: dict(v) if isinstance(v, dict) else v for k, v in config.get("options", {}).items()}
         if isinstance(options.get("dsas"), dict):
