@@ -783,11 +783,14 @@ def progress_lines(done: dict[Task, dict[str, Any]], skipped: list[Task], cfg: S
             if secs:
                 lines.append(
                     f"* {mname}, {what} tasks (one steerer fitted with one seed and evaluated): {len(secs)} "
-                    f"finished, {np.mean(secs) / 60:.1f} min each on average ({sum(secs) / 3600:.2f} h)"
+                    f"finished, {np.mean(secs) / 60:.1f} min each on average, {min(secs) / 60:.1f}-"
+                    f"{max(secs) / 60:.1f} min ({sum(secs) / 3600:.2f} h)"
                 )
     total = sum(r["seconds"] or 0.0 for r in done.values())
     lines.append(f"* Computing the {len(done)} finished tasks took {total / 3600:.2f} h in all (wall time, "
-                 "measured when each was first computed; a later run reads it back).")  # fmt: skip
+                 "measured when each was first computed; a later run reads it back). A task whose fit, "
+                 "calibrations or points were already in the store, computed by another task or by a probe "
+                 "sharing it, is timed at what it had left to do.")  # fmt: skip
     if skipped:
         groups: dict[tuple[str, str, str], list[int]] = {}
         for t in skipped:
