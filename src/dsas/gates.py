@@ -154,7 +154,11 @@ class DSASConfig:
         not for concept induction. Eager generation (the running mean); `Steerer.with_scope("below")` serves
         the same regulators per token (vLLM, torch.compile)."""
         base: dict[str, Any] = dict(
-            scope="below+prefix", floor=0.5, control_fpr=0.05, calibrate_on="tokens", negatives="control+target"
+            scope="below+prefix",
+            floor=0.5,
+            control_fpr=0.05,
+            calibrate_on="tokens",
+            negatives="control+target",
         )
         return cls(**(base | overrides))
 
