@@ -173,8 +173,15 @@ def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok,
     # Read per token, those offsets no longer count what they were placed on: with_scope says so and names the
     # refit; gates without a token-counted control_fpr convert silently (exactly).
     with pytest.warns(UserWarning, match=r"refit with scope='below' \(`dsas fit --option scope=below`\)"):
-        st.with_scope("below")
+        below = st.with_scope("below")
     import warnings
+
+    # Back to the reading the offsets were counted on: exact again, no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert below.with_scope("below+prefix").config["options"]["dsas"]["fitted_scope"] == "below+prefix"
+    with pytest.warns(UserWarning, match=r"calibrated on control tokens read as scope='below\+prefix'"):
+        below.with_scope("below+prefix").with_scope("below")
 
     plain = dsas.fit(model, tiny_tok, engine_sets, scope="below+prefix", acc_threshold=0.5, progress=False)
     with warnings.catch_warnings():

@@ -163,7 +163,8 @@ class Steerer:
         traceable by torch.compile as scope="below". One thing does depend on the reading: a `control_fpr`
         counted on tokens (`calibrate_on="tokens"`, e.g. `DSASConfig.removal()`) was placed on what the fitted
         scope reads (running means or single tokens); read the other way, the gates open on a different share of
-        control tokens than asked, so this warns and names the refit that keeps the calibration."""
+        control tokens than asked, so this warns and names the refit that keeps the calibration (the config keeps the
+        fitted scope as `fitted_scope`, so reading the gates back the fitted way is silent)."""
         family = {"below": POOLED_SCOPES, "below+prefix": POOLED_SCOPES, "token": ("token", "prefix")}
         family["prefix"] = family["token"]
         if scope not in family:
@@ -180,16 +181,19 @@ class Steerer:
                     )
                 gates[n] = replace(g, scope=scope)
         opts = self.config.get("options", {}).get("dsas")
+        # The scope the fit counted control_fpr on; `scope` itself follows the current reading (a round trip
+        # back to the fitted reading must not warn).
+        fitted = opts.get("fitted_scope", opts.get("scope")) if isinstance(opts, dict) else None
         if (
             isinstance(opts, dict)
             and opts.get("control_fpr") is not None
             and opts.get("calibrate_on") == "tokens"
-            and (opts.get("scope") in RUNNING_MEAN_SCOPES) != (scope in RUNNING_MEAN_SCOPES)
+            and (fitted in RUNNING_MEAN_SCOPES) != (scope in RUNNING_MEAN_SCOPES)
         ):
-            read = "running means" if opts.get("scope") in RUNNING_MEAN_SCOPES else "one token at a time"
+            read = "running means" if fitted in RUNNING_MEAN_SCOPES else "one token at a time"
             warnings.warn(
                 f"This steerer's control_fpr={opts['control_fpr']} was calibrated on control tokens read as "
-                f"scope={opts.get('scope')!r} reads them ({read}); read as scope={scope!r}, its gates open on a "
+                f"scope={fitted!r} reads them ({read}); read as scope={scope!r}, its gates open on a "
                 f"different share of them. To keep the calibration, refit with scope={scope!r} (`dsas fit "
                 f"--option scope={scope}`).",
                 UserWarning,
@@ -198,6 +202,7 @@ class Steerer:
         config = dict(self.config)
         options = {k: dict(v) if isinstance(v, dict) else v for k, v in config.get("options", {}).items()}
         if isinstance(options.get("dsas"), dict):
+            options["dsas"].setdefault("fitted_scope", options["dsas"].get("scope"))
             options["dsas"]["scope"] = scope
             config["options"] = options
         return replace(self, gates=gates, config=config)
