@@ -146,6 +146,16 @@ def test_an_hours_budget_reads_finished_tasks_back_and_lists_the_rest(tiny_run, 
     assert "Partial report" not in whole and "### Claims (concepts)" in whole
 
 
+def test_first_moves_one_models_tasks_ahead_in_plan_order():
+    tasks = study.plan(study.CONFIGS["full"])
+    moved = study.put_first(tasks, ["smollm2-135m"])
+    n = sum(t.model == "smollm2-135m" for t in tasks)
+    assert sorted(moved, key=tasks.index) == tasks and 0 < n < len(tasks)
+    assert [t.model for t in moved[:n]] == ["smollm2-135m"] * n
+    assert moved[:n] == [t for t in tasks if t.model == "smollm2-135m"]
+    assert moved[n:] == [t for t in tasks if t.model != "smollm2-135m"]
+
+
 def test_only_the_full_configuration_may_write_docs_study_md(capsys):
     report = study.DOCS_REPORT
     stamp = report.stat().st_mtime_ns if report.exists() else None
