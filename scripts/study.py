@@ -636,11 +636,12 @@ def claims_toxicity(tox: dict[str, Any], cfg: StudyConfig) -> list[str]:
         for vanilla, gated in PAIRS:
             if vanilla in st and gated in st:
                 a, v = stack(st[gated][b], "toxic").mean(0), stack(st[vanilla][b], "toxic").mean(0)
+                claim = f"* {gated} is less toxic than {vanilla} at +{b:.0%} perplexity (difference of toxic rates < 0): "
+                if a.max() == v.max() == 0:  # no toxic continuation on either side: nothing to compare
+                    lines.append(claim + "**not testable here**: neither has a toxic continuation")
+                    continue
                 d = bootstrap([a, v], _diff_of_means, cfg.n_boot, paired=True)
-                lines.append(
-                    f"* {gated} is less toxic than {vanilla} at +{b:.0%} perplexity (difference of toxic rates "
-                    f"< 0): {verdict(d.value < 0, d.high < 0 or d.low >= 0)} ({d.fmt()})"
-                )
+                lines.append(claim + f"{verdict(d.value < 0, d.high < 0 or d.low >= 0)} ({d.fmt()})")
         if "lineas+e2e-sigmoid" in st and "lineas+dsas" in st:
             a = stack(st["lineas+e2e-sigmoid"][b], "toxic").mean(0)
             v = stack(st["lineas+dsas"][b], "toxic").mean(0)
