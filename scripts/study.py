@@ -684,8 +684,9 @@ def claims_toxicity(tox: dict[str, Any], cfg: StudyConfig) -> list[str]:
 
 
 def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list[str], bool]:
-    """Table rows, claim lines, and whether CAA + DSAS is more selective than CAA (point estimate)."""
-    rows, claims, more_selective = [], [], False
+    """Table rows, claim lines, and whether CAA + DSAS meets the whole bar on this set at the point estimate
+    (>= 60% in, <= 5% out, and more selective than CAA's most selective strength)."""
+    rows, claims, bar, more_selective = [], [], False, False
     st = con["steerers"]
     for name, r in st.items():
         ins, outs = np.stack(r["in"]), np.stack(r["out"])
@@ -696,7 +697,7 @@ def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list
     if "caa+dsas" in st:
         r = st["caa+dsas"]
         i, o = mean_ci(np.stack(r["in"]), cfg.n_boot), mean_ci(np.stack(r["out"]), cfg.n_boot)
-        ok = i.value >= 0.6 and o.value <= 0.05
+        ok = bar = i.value >= 0.6 and o.value <= 0.05
         claims.append(
             f"CAA + DSAS puts the concept in >= 60% of in-category and <= 5% of out-of-category continuations: "
             f"{verdict(ok, (i.low >= 0.6 and o.high <= 0.05) or (i.high < 0.6 or o.low > 0.05))} "
@@ -712,7 +713,7 @@ def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list
             f"CAA + DSAS is more selective (in minus out) than CAA at its most selective strength: "
             f"{verdict(d.value > 0, d.low > 0 or d.high <= 0)} (difference {d.fmt()})"
         )
-    return rows, claims, more_selective
+    return rows, claims, bar and more_selective
 
 
 def plots(
@@ -902,19 +903,28 @@ def write_report(
                 "|---|---|---|---|---|---|",
             ]  # fmt: skip
             claim_lines = []
-            n_sel = 0
+            n_pass = 0
             for set_name, con in concepts.items():
-                rows, claims, more_selective = concept_rows(con, cfg)
-                n_sel += more_selective
+                rows, claims, passes = concept_rows(con, cfg)
+                n_pass += passes
                 lines += [
                     f"| {set_name} ('{con['word']}', {con['n_in']} / {con['n_out']} prompts) {row}"
                     for row in rows
                 ]
                 claim_lines += [f"* {set_name}: {c}" for c in claims]
             lines += ["", "### Claims (concepts)", "", *claim_lines]
+            pending = len(cfg.concept_sets) - len(concepts)
             lines.append(
-                f"* CAA + DSAS is more selective than CAA for {n_sel} of {len(concepts)} concept sets (goal: at "
-                f"least 2 of 3): {'**holds**' if n_sel >= 2 else '**does not hold**'}"
+                f"* CAA + DSAS meets both (>= 60% in, <= 5% out, and more selective than CAA) on {n_pass} of "
+                f"{len(concepts)} concept sets (goal: at least 2 of {len(cfg.concept_sets)}): "
+                + (
+                    "**holds**"
+                    if n_pass >= 2
+                    else "**does not hold**"
+                    if n_pass + pending < 2
+                    else "**open**"
+                )
+                + (f" ({pending} set(s) not run yet)" if pending else "")
             )
         figs = plots(plot_dir, mname, tox, concepts, cfg)
         lines += ["", *(f"![{f}]({plot_dir.name}/{f})" for f in figs)]

@@ -78,6 +78,9 @@ def test_tiny_study_writes_a_table_per_metric_with_intervals_and_plots(tiny_run)
     verdicts = re.findall(r"\*\*(holds|does not hold)[^*]*\*\*", claims)
     assert len(verdicts) >= 10
     assert "0.6 x CAA's" in claims and ">= 80% of neutral greedy continuations" in claims
+    # Every set run: the concept goal is decided, not left open.
+    assert re.search(r"meets both .* on \d of 3 concept sets \(goal: at least 2 of 3\): \*\*(holds|does not hold)\*\*$",
+                     claims, re.M)  # fmt: skip
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / png).stat().st_size > 5_000  # a real figure, referenced relative to the report
     assert {p.name for p in (out / "study").glob("*.png")} == {"tiny-toxicity.png", "tiny-concepts.png"}
