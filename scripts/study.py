@@ -486,7 +486,7 @@ def concept_task(
     best = max(curve, key=lambda c: (c[1] - c[2], -c[0]))[0]
     return {
         "word": word, "n_in": len(ins), "n_out": len(outs), "strength": best,
-        "in": hits[best][: len(ins)], "out": hits[best][len(ins) :], "curve": curve,
+        "in": hits[best][: len(ins)], "out": hits[best][len(ins) :], "curve": curve, "hits": hits,
     }  # fmt: skip
 
 
@@ -583,7 +583,7 @@ def collect(done: dict[Task, dict[str, Any]], cfg: StudyConfig) -> dict[str, Any
                 runs = sorted(((t.seed, r) for t, r in con.items() if t.steerer == name), key=lambda x: x[0])
                 if runs:
                     entry["steerers"][name] = {
-                        k: [r[k] for _, r in runs] for k in ("strength", "in", "out", "curve")
+                        k: [r[k] for _, r in runs] for k in ("strength", "in", "out", "curve", "hits")
                     } | {"seeds": [s for s, _ in runs]}
             concepts[set_name] = entry
         if tox or concepts:
@@ -684,8 +684,8 @@ def claims_toxicity(tox: dict[str, Any], cfg: StudyConfig) -> list[str]:
 
 
 def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list[str], bool]:
-    """Table rows, claim lines, and whether CAA + DSAS meets the whole bar on this set at the point estimate
-    (>= 60% in, <= 5% out, and more selective than CAA's most selective strength)."""
+    """Table rows, claim lines, and whether CAA + DSAS meets the whole bar on this set at the point estimate at
+    one grid strength (>= 60% in, <= 5% out, and more selective than CAA's most selective strength)."""
     rows, claims, bar, more_selective = [], [], False, False
     st = con["steerers"]
     for name, r in st.items():
@@ -711,6 +711,31 @@ def concept_rows(con: dict[str, Any], cfg: StudyConfig) -> tuple[list[str], list
         more_selective = d.value > 0
         claims.append(
             f"CAA + DSAS is more selective (in minus out) than CAA at its most selective strength: "
+            f"{verdict(d.value > 0, d.low > 0 or d.high <= 0)} (difference {d.fmt()})"
+        )
+        # The bar asks for one strength that does both; the most selective one may spend the 5% out-of-category
+        # allowance for a few more hits. One grid strength for every seed: the highest in-category rate among
+        # those with out <= 5% (chosen on the reported prompts, like the most selective strength).
+        n_in = len(g["in"][0])
+        grid = sorted(set.intersection(*(set(h) for h in g["hits"])))
+        at = {lam: np.stack([h[lam] for h in g["hits"]]) for lam in grid}
+        curve = {lam: (a[:, :n_in].mean(), a[:, n_in:].mean()) for lam, a in at.items()}
+        low = [lam for lam in grid if curve[lam][1] <= 0.05]
+        lam = max(low, key=lambda x: (curve[x][0], -x)) if low else min(grid, key=lambda x: (curve[x][1], x))
+        ins, outs = at[lam][:, :n_in], at[lam][:, n_in:]
+        i, o = mean_ci(ins, cfg.n_boot), mean_ci(outs, cfg.n_boot)
+        d = bootstrap(
+            [ins.mean(0) - np.stack(v["in"]).mean(0), outs.mean(0) - np.stack(v["out"]).mean(0)],
+            _diff_of_means, cfg.n_boot, paired=False,
+        )  # fmt: skip
+        ok = i.value >= 0.6 and o.value <= 0.05
+        bar, more_selective = ok, d.value > 0
+        claims.append(
+            f"at strength {lam:g} (every seed; the most in-category hits with out <= 5%"
+            + ("" if low else ": no grid strength has out <= 5%, this is the lowest out")
+            + f"), CAA + DSAS puts the concept in >= 60% / <= 5%: "
+            f"{verdict(ok, (i.low >= 0.6 and o.high <= 0.05) or (i.high < 0.6 or o.low > 0.05))} "
+            f"(in {i.fmt()}, out {o.fmt()}), and is more selective than CAA's most selective strength: "
             f"{verdict(d.value > 0, d.low > 0 or d.high <= 0)} (difference {d.fmt()})"
         )
     return rows, claims, bar and more_selective
@@ -915,7 +940,7 @@ def write_report(
             lines += ["", "### Claims (concepts)", "", *claim_lines]
             pending = len(cfg.concept_sets) - len(concepts)
             lines.append(
-                f"* CAA + DSAS meets both (>= 60% in, <= 5% out, and more selective than CAA) on {n_pass} of "
+                f"* CAA + DSAS meets both (>= 60% in, <= 5% out, and more selective than CAA, at one strength) on {n_pass} of "
                 f"{len(concepts)} concept sets (goal: at least 2 of {len(cfg.concept_sets)}): "
                 + (
                     "**holds**"
