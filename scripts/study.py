@@ -6,7 +6,13 @@ How to run the full study (CPU, one command, resumable; writes docs/study.md and
 
 Every fitted steerer (runs/study/steerers/), calibrated strength (runs/study/study.sqlite) and evaluated point
 (runs/study/<model>/<set>/sweep.sqlite, the content-keyed store of `dsas.sweep.run_sweep`) is stored as soon as
-it exists, so a killed run resumes where it stopped when given the same command.
+it exists, so a killed run resumes where it stopped when given the same command. That store stays on the machine
+that computed it (runs/ is not committed); each finished task's result also goes to the ledger,
+docs/study/results/<model>/<set>/<steerer>-seed<N>.json, which is committed with the report: the report is
+rebuilt from the ledger alone (`--hours 0` computes nothing new), and the study goes on from it on a fresh
+machine. A ledger file is reused only while its key (`task_key`: configuration, data, model, every fit config,
+evaluation settings, `RESULT_VERSION`) matches; bump `RESULT_VERSION` when a library change alters numbers
+without changing any of those.
 
 How long: docs/study.md's "Progress and cost" section lists each finished task's measured wall time. On the
 2-core CPU, the first SmolLM2 toxicity task (the unsteered point, two calibrations and two points of CAA) took
@@ -19,7 +25,7 @@ each seed first) and a stopped run writes a partial report listing what is not r
 
 What it measures, per model (SmolLM2-135M; Gemma-3-270M when its optional package is installed, else a note)
 and per steerer (CAA, ITI, LinEAS each ungated and + DSAS, LinEAS + E2E-DSAS; library defaults), fitted on
-32 prompts per set drawn with each seed (`load_prompt_sets(name, n=32, seed=s)`):
+32 (toxicity) or 56 (concept sets) prompts per split drawn with each seed (`load_prompt_sets(name, n, seed=s)`):
 
 * toxicity at +5% and +10% Wikipedia perplexity: the strength is calibrated per steerer and seed
   (`dsas.calibrate_strength` on the evaluation's Wikipedia paragraphs), then `dsas.sweep.run_sweep` evaluates
@@ -44,7 +50,10 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import re
 import sqlite3
+import subprocess
 import sys
 import time
 import warnings
@@ -68,6 +77,7 @@ from dsas.sweep import (
     BASELINE,
     EvalConfig,
     EvalData,
+    eval_hash,
     model_signature,
     run_sweep,
     steerer_hash,
@@ -118,6 +128,10 @@ class StudyConfig:
     )
     budgets: tuple[float, ...] = (0.05, 0.10)
     n_fit: int = 32
+    """Fitting prompts per split drawn by each seed for toxicity (of 72-73)."""
+    n_fit_concept: int = 56
+    """Fitting prompts per split drawn by each seed for a concept set (of 70-72): the regulators need the
+    near-miss control prompts, and 32 of 70 lose pear's selectivity (docs/concepts.md)."""
     n_prompts: int = 10_000  # all held-out toxic prompts (210)
     n_neutral: int = 10_000  # all held-out neutral prompts (213; continuations of the first half)
     n_concept: int = 10_000  # held-out in- and out-of-category prompts per concept set (~100 each)
@@ -156,6 +170,7 @@ CONFIGS = {
         seeds=(0, 1),
         concept_grids={"caa": (0.5, 2.0), "caa+dsas": (1.0, 4.0)},
         n_fit=8,
+        n_fit_concept=8,
         n_prompts=12,
         n_neutral=12,
         n_concept=8,
@@ -177,8 +192,6 @@ CONFIGS = {
 def tiny_model() -> tuple[torch.nn.Module, Any]:
     """A random-init 2-layer Llama with a word-level tokenizer over the shipped prompt sets' words: the whole
     pipeline in seconds (its numbers mean nothing)."""
-    import re
-
     import transformers as tf
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -246,6 +259,26 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fit_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
+    return {**STEERER_OPTIONS.get(name, {}), **cfg.fit_options.get(name, {})}
+
+
+def fit_digest(sig: str, sets: dsas.PromptSets, name: str, seed: int, cfg: StudyConfig) -> str:
+    """The key of a fit: the model, the fitting prompts, the method and gate and every config the fit resolves
+    to, defaults included (a fit saved before a default changed is not reused), and the seed."""
+    method, gate = STEERERS[name]
+    options = fit_options(name, cfg)
+    fcfg, opts = route_options(method, gate, options)
+    spec = {
+        "model": sig,
+        "sets": [sets.source, sets.target, sets.control],
+        "method": method,
+        "gate": gate,
+        "configs": {"fit": asdict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
+    }
+    return digest({**spec, "o": options, "s": seed})
+
+
 def fitted(
     store: Store,
     model: Any,
@@ -260,22 +293,12 @@ def fitted(
     """The steerer `name` fitted on `sets` with `seed`, from disk when this exact fit (model, prompts, method,
     gate, options, seed) was saved before."""
     method, gate = STEERERS[name]
-    options = {**STEERER_OPTIONS.get(name, {}), **cfg.fit_options.get(name, {})}
-    # Keyed by every config the fit resolves to, defaults included: a fit saved before a default changed is
-    # not reused.
-    fcfg, opts = route_options(method, gate, options)
-    spec = {
-        "model": sig,
-        "sets": [sets.source, sets.target, sets.control],
-        "method": method,
-        "gate": gate,
-        "configs": {"fit": asdict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
-    }
+    options = fit_options(name, cfg)
     path = (
         store.root
         / "steerers"
         / mname
-        / f"{sets.name}-s{seed}-{name}-{digest({**spec, 'o': options, 's': seed})}"
+        / f"{sets.name}-s{seed}-{name}-{fit_digest(sig, sets, name, seed, cfg)}"
     )
     key = f"fit-warnings/{path.name}"
     if (path / "dsas_config.json").exists() and store.get(key) is not None:
@@ -424,20 +447,59 @@ def toxicity_data(cfg: StudyConfig) -> EvalData:
     )
 
 
+@dataclass(frozen=True)
+class Task:
+    """One unit of the study: a steerer fitted with one seed, evaluated on toxicity or on one concept set."""
+
+    model: str
+    kind: str  # "toxicity" or a concept set's name
+    steerer: str
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.model} {self.kind} {self.steerer} seed {self.seed}"
+
+
+@dataclass
+class TaskInputs:
+    """What a task's numbers are computed from, built in milliseconds before any fitting: the evaluation data and
+    settings, the fitting prompts and (concept sets) the concept word and the number of in-category prompts."""
+
+    data: EvalData
+    ecfg: EvalConfig
+    sets: dsas.PromptSets
+    word: str = ""
+    n_in: int = 0
+
+
+def task_inputs(task: Task, cfg: StudyConfig) -> TaskInputs:
+    n_fit = cfg.n_fit if task.kind == "toxicity" else cfg.n_fit_concept
+    sets = dsas.load_prompt_sets(task.kind, n=n_fit, seed=task.seed)
+    if task.kind == "toxicity":
+        return TaskInputs(toxicity_data(cfg), eval_config(cfg), sets)
+    full = dsas.load_prompt_sets(task.kind)
+    ins = full.eval[full.meta["eval_in"]][: cfg.n_concept]
+    outs = full.eval[full.meta["eval_out"]][: cfg.n_concept]
+    ecfg = eval_config(
+        cfg, n_prompts=len(ins) + len(outs), n_neutral=len(outs), n_wiki=cfg.n_wiki_concept, n_mc=0
+    )
+    data = EvalData(ins + outs, outs, load_wiki_paragraphs(cfg.n_wiki_concept, seed=0), [])
+    return TaskInputs(data, ecfg, sets, str(full.meta["concept_word"]), len(ins))
+
+
 def toxicity_task(
-    model: Any, tok: Any, mname: str, name: str, seed: int, cfg: StudyConfig, store: Store
+    model: Any, tok: Any, task: Task, inp: TaskInputs, cfg: StudyConfig, store: Store
 ) -> dict[str, Any]:
     """One steerer and seed: the calibrated strength per budget and the per-prompt arrays there, plus the
     unsteered point's arrays."""
-    data = toxicity_data(cfg)
-    sets = dsas.load_prompt_sets("toxicity", n=cfg.n_fit, seed=seed)
-    st = fitted(store, model, tok, mname, model_signature(model)["weights"], sets, name, seed, cfg)
+    name, seed, data = task.steerer, task.seed, inp.data
+    st = fitted(store, model, tok, task.model, model_signature(model)["weights"], inp.sets, name, seed, cfg)
     sh = steerer_hash(st)
     strengths = {b: calibrated(store, st, sh, model, tok, data, cfg, b) for b in cfg.budgets}
     label = f"{name}/seed{seed}"
     rows = run_sweep(
-        model, tok, {label: st}, {label: [s for s in strengths.values() if s > 0]}, data, eval_config(cfg),
-        store.root / mname / "toxicity", progress=False,
+        model, tok, {label: st}, {label: [s for s in strengths.values() if s > 0]}, data, inp.ecfg,
+        store.root / task.model / "toxicity", progress=False,
     )  # fmt: skip
     has_per_prompt(rows)
     base = next(r for r in rows if r["name"] == BASELINE)
@@ -456,25 +518,17 @@ def toxicity_task(
 
 
 def concept_task(
-    model: Any, tok: Any, mname: str, set_name: str, name: str, seed: int, cfg: StudyConfig, store: Store
+    model: Any, tok: Any, task: Task, inp: TaskInputs, cfg: StudyConfig, store: Store
 ) -> dict[str, Any]:
     """One steerer and seed on one concept set: the in / out concept hits per prompt at the seed's most
     selective strength, and the whole curve."""
-    full = dsas.load_prompt_sets(set_name)
-    word = str(full.meta["concept_word"])
-    pattern = concept_pattern(word)
-    ins = full.eval[full.meta["eval_in"]][: cfg.n_concept]
-    outs = full.eval[full.meta["eval_out"]][: cfg.n_concept]
-    ecfg = eval_config(
-        cfg, n_prompts=len(ins) + len(outs), n_neutral=len(outs), n_wiki=cfg.n_wiki_concept, n_mc=0
-    )
-    data = EvalData(ins + outs, outs, load_wiki_paragraphs(cfg.n_wiki_concept, seed=0), [])
-    sets = dsas.load_prompt_sets(set_name, n=cfg.n_fit, seed=seed)
-    st = fitted(store, model, tok, mname, model_signature(model)["weights"], sets, name, seed, cfg)
+    name, seed, n_in = task.steerer, task.seed, inp.n_in
+    pattern = concept_pattern(inp.word)
+    st = fitted(store, model, tok, task.model, model_signature(model)["weights"], inp.sets, name, seed, cfg)
     label = f"{name}/seed{seed}"
     rows = run_sweep(
-        model, tok, {label: st}, {label: cfg.concept_grids[name]}, data, ecfg,
-        store.root / mname / set_name, progress=False,
+        model, tok, {label: st}, {label: cfg.concept_grids[name]}, inp.data, inp.ecfg,
+        store.root / task.model / task.kind, progress=False,
     )  # fmt: skip
     has_per_prompt(rows)
     hits = {
@@ -482,25 +536,117 @@ def concept_task(
         for r in rows
         if r["name"] == label
     }
-    curve = [(s, h[: len(ins)].mean(), h[len(ins) :].mean()) for s, h in sorted(hits.items())]
+    curve = [(s, h[:n_in].mean(), h[n_in:].mean()) for s, h in sorted(hits.items())]
     best = max(curve, key=lambda c: (c[1] - c[2], -c[0]))[0]
     return {
-        "word": word, "n_in": len(ins), "n_out": len(outs), "strength": best,
-        "in": hits[best][: len(ins)], "out": hits[best][len(ins) :], "curve": curve, "hits": hits,
+        "word": inp.word, "n_in": n_in, "n_out": len(inp.data.prompts) - n_in, "strength": best,
+        "in": hits[best][:n_in], "out": hits[best][n_in:], "curve": curve, "hits": hits,
     }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Task:
-    """One unit of the study: a steerer fitted with one seed, evaluated on toxicity or on one concept set."""
+RESULT_VERSION = 1
+"""Part of every ledger key: bump it when a change to the library or to this script alters a task's numbers
+without changing a config, the data or the model (e.g. a fix in the steering rule), so every task is recomputed."""
 
-    model: str
-    kind: str  # "toxicity" or a concept set's name
-    steerer: str
-    seed: int
 
-    def label(self) -> str:
-        return f"{self.model} {self.kind} {self.steerer} seed {self.seed}"
+class Ledger:
+    """Finished tasks' results, one JSON file per task under the report's folder (`docs/study/results/` for the
+    full study, committed with the report): the report is rebuilt from these files alone on any machine, and a
+    study started on one machine goes on from them on another, while the fits and points behind them (the store)
+    stay on the machine that computed them. Each file holds its key, the digest of everything its numbers depend
+    on (`task_key`); a file whose key differs from the one this code computes is recomputed, never reused."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, task: Task) -> Path:
+        stem = re.sub(r"[^A-Za-z0-9+._-]", "_", f"{task.steerer}-seed{task.seed}")
+        return self.root / task.model / task.kind / f"{stem}.json"
+
+    def read(self, task: Task) -> dict[str, Any] | None:
+        """The stored entry of `task` whatever its key (None: none, or a damaged file, which is then recomputed)."""
+        path = self.path(task)
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text(), object_hook=_decode)
+            if not isinstance(entry, dict) or not {"key", "result", "notes"} <= entry.keys():
+                raise ValueError("not a ledger entry")
+            return entry
+        except (ValueError, OSError) as err:
+            print(f"{path}: unreadable ({err}); the task is recomputed", file=sys.stderr)
+            return None
+
+    def get(self, task: Task, key: str) -> dict[str, Any] | None:
+        entry = self.read(task)
+        return entry if entry is not None and entry["key"] == key else None
+
+    def put(self, task: Task, key: str, result: dict[str, Any], notes: list[str]) -> None:
+        """Write the entry atomically (a temporary file in the same folder, fsynced, then renamed over the old
+        one): a kill at any moment leaves the old file or the new one."""
+        path = self.path(task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "task": asdict(task), "key": key, "notes": notes, "made": provenance(), "result": _encode(result),
+        }  # fmt: skip
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(entry, f, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def provenance() -> dict[str, Any]:
+    """Who made a ledger entry (for readers; not part of its key)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "dsas": dsas.__version__, "torch": torch.__version__, "commit": commit or None,
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def _encode(obj: Any) -> Any:
+    """JSON for a task's result: arrays keep their dtype, dicts keyed by numbers (budgets, strengths) keep them."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v) for k, v in obj.items()}
+        return {"__items__": [[_encode(k), _encode(v)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _decode(d: dict[str, Any]) -> Any:
+    if "__ndarray__" in d:
+        return np.array(d["__ndarray__"], dtype=d["dtype"])
+    if "__items__" in d:
+        return {k: v for k, v in d["__items__"]}
+    return d
+
+
+def task_key(model: Any, tok: Any, task: Task, inp: TaskInputs, cfg: StudyConfig) -> str:
+    """The digest of everything a task's numbers depend on: the study's configuration, the task, the fit's key
+    (model weights, fitting prompts, every fit config with defaults), the evaluation hash (evaluation data and
+    settings, model, tokenizer, `dsas.sweep.POINT_VERSION`), the concept word and `RESULT_VERSION`."""
+    return digest({
+        "version": RESULT_VERSION, "config": asdict(cfg), "task": asdict(task), "word": inp.word,
+        "fit": fit_digest(model_signature(model)["weights"], inp.sets, task.steerer, task.seed, cfg),
+        "eval": eval_hash(model, tok, inp.data, inp.ecfg),
+    })  # fmt: skip
 
 
 def plan(cfg: StudyConfig) -> list[Task]:
@@ -532,18 +678,39 @@ def seconds_key(task: Task, cfg: StudyConfig) -> str:
     return f"seconds/{task.label()}/{digest(asdict(cfg))}"
 
 
-def run_task(model: Any, tok: Any, task: Task, cfg: StudyConfig, store: Store) -> dict[str, Any]:
-    """The task's result; the wall time it took is stored the first time it is computed (for the report's
-    measured costs; a resumed task is not timed again)."""
-    key = seconds_key(task, cfg)
+def run_task(
+    model: Any, tok: Any, task: Task, cfg: StudyConfig, store: Store, ledger: Ledger, start: bool = True
+) -> dict[str, Any] | None:
+    """The task's result: from the ledger when its key matches, else computed (None when `start` is false and it
+    is not finished). Its wall time is measured the first time it is computed (for the report's costs; a task
+    resumed from the store is timed at what it had left to do)."""
+    inp = task_inputs(task, cfg)
+    key = task_key(model, tok, task, inp, cfg)
+    got = ledger.get(task, key)
+    if got is not None:
+        store.notes += got["notes"]
+        return dict(got["result"])
+    if not start and store.get(seconds_key(task, cfg)) is None:
+        return None
+    n_notes = len(store.notes)
     t0 = time.perf_counter()
-    if task.kind == "toxicity":
-        out = toxicity_task(model, tok, task.model, task.steerer, task.seed, cfg, store)
-    else:
-        out = concept_task(model, tok, task.model, task.kind, task.steerer, task.seed, cfg, store)
-    if store.get(key) is None:
-        store.put(key, time.perf_counter() - t0)
-    out["seconds"] = store.get(key)
+    run = toxicity_task if task.kind == "toxicity" else concept_task
+    out = run(model, tok, task, inp, cfg, store)
+    if store.get(seconds_key(task, cfg)) is None:
+        store.put(seconds_key(task, cfg), time.perf_counter() - t0)
+    out["seconds"] = store.get(seconds_key(task, cfg))
+    ledger.put(task, key, out, list(dict.fromkeys(store.notes[n_notes:])))
+    return out
+
+
+def unverified(ledger: Ledger, tasks: Sequence[Task]) -> dict[Task, dict[str, Any]]:
+    """The ledger's results for tasks of a model that is not installed here, read without checking their keys
+    (which need the model): the report says so."""
+    out = {}
+    for task in tasks:
+        entry = ledger.read(task)
+        if entry is not None:
+            out[task] = dict(entry["result"])
     return out
 
 
@@ -867,7 +1034,10 @@ def write_report(
         "    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py",
         "",
         "Resumable: every fit, calibration and evaluated point is stored under `runs/study/` as soon as it exists;"
-        " rerun the same command after an interruption. `--config tiny` runs the whole pipeline on a random tiny"
+        " rerun the same command after an interruption. Each finished task's result is also written to"
+        f" `{md.stem}/results/` beside this report (one JSON file per task, keyed by a digest of its configuration,"
+        " data, model and fit configs, committed with the report): this report is rebuilt from those files alone,"
+        " and on another machine the same command goes on from them. `--config tiny` runs the whole pipeline on a random tiny"
         " model in under a minute (CI), `--config smoke` a 1-seed, 2-steerer, 8-prompt SmolLM2 check; both write"
         " into their `--out` folder, never here. `--hours H` starts no new task after H hours and writes the"
         " report of what is finished. Tasks run in this order: the toxicity claims' steerers"
@@ -880,8 +1050,9 @@ def write_report(
         "",
         "## Protocol",
         "",
-        f"Seeds {', '.join(map(str, cfg.seeds))}: each seed draws the {cfg.n_fit} source / target / control fitting "
-        "prompts per set (`load_prompt_sets(name, n, seed)`) and seeds the fit. Steerers use library defaults at "
+        f"Seeds {', '.join(map(str, cfg.seeds))}: each seed draws {cfg.n_fit} (toxicity) or {cfg.n_fit_concept} "
+        "(concept sets) source / target / control fitting prompts per set (`load_prompt_sets(name, n, seed)`) "
+        "and seeds the fit. Steerers use library defaults at "
         "all residual-increment sites. A cell is `mean [95% interval] (seeds min-max)`: the mean over seeds of a "
         "per-prompt quantity, its interval a percentile bootstrap over prompts of the per-prompt means over "
         "seeds (`scipy.stats.bootstrap`); intervals cover prompt sampling, the seed range shows fitting noise. "
@@ -968,6 +1139,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     p.add_argument("--store", default=None, help="fits, calibrations and points (default: runs/study for full, "
                    "else <out>/store)")  # fmt: skip
+    p.add_argument("--results", default=None, help="the ledger of finished tasks' results (default: "
+                   "<out>/study/results, docs/study/results for full)")  # fmt: skip
     p.add_argument("--models", default=None, help="comma list overriding the configuration's models")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument(
@@ -994,6 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     store = Store(
         Path(args.store) if args.store else (ROOT / "runs" / "study" if cfg.name == "full" else out / "store")
     )
+    ledger = Ledger(Path(args.results) if args.results else md.parent / md.stem / "results")
 
     t0 = time.perf_counter()
     deadline = t0 + args.hours * 3600 if args.hours is not None else math.inf
@@ -1013,9 +1187,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for task in bar:
         if task.model in missing:
             continue
-        if time.perf_counter() > deadline and store.get(seconds_key(task, cfg)) is None:
-            skipped.append(task)  # past the budget, only finished tasks are read back
-            continue
         bar.set_postfix_str(task.label())
         if loaded is None or loaded[0] != task.model:
             loaded = None  # free the previous model before loading the next
@@ -1024,9 +1195,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
             except ModelUnavailableError as err:
                 missing[task.model] = str(err)
                 continue
-        done[task] = run_task(loaded[1], loaded[2], task, cfg, store)
+        # Past the budget, only finished tasks (in the ledger, or timed in the store) are read back.
+        got = run_task(loaded[1], loaded[2], task, cfg, store, ledger, start=time.perf_counter() <= deadline)
+        if got is None:
+            skipped.append(task)
+        else:
+            done[task] = got
     bar.close()
-    notes = [f"**{m} skipped**: not installed here ({err})" for m, err in missing.items()]
+    notes = []
+    for m, why in missing.items():
+        theirs = unverified(ledger, [t for t in tasks if t.model == m])
+        done |= theirs
+        notes.append(
+            f"**{m} not installed here** ({why}): its {len(theirs)} finished task(s) are read from "
+            f"`{ledger.root.relative_to(out) if ledger.root.is_relative_to(out) else ledger.root}` without "
+            "checking their keys against the model"
+            if theirs
+            else f"**{m} skipped**: not installed here ({why})"
+        )
     notes += [f"fit warning, {w}" for w in dict.fromkeys(store.notes)]
     write_report(md, collect(done, cfg), notes, cfg, time.perf_counter() - t0, done, skipped)
     print(f"wrote {md} ({time.perf_counter() - t0:.0f} s)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shutil
 import sqlite3
 import sys
 from pathlib import Path
@@ -115,6 +117,90 @@ def test_a_rerun_resumes_without_fitting_or_evaluating(tiny_run, monkeypatch):
     assert _points(out / "store") == n_points
     strip = re.compile(r"This invocation took [\d.]+ h")
     assert strip.sub("", md_path.read_text()) == strip.sub("", before)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("recomputed something that was stored")
+
+
+def _rerun(out: Path, monkeypatch, *extra: str) -> str:
+    """The tiny study rerun into `out` with every fit, calibration and evaluation refused."""
+    import torch
+
+    monkeypatch.setattr(study.dsas, "fit", _refuse)
+    monkeypatch.setattr(study.dsas, "calibrate_strength", _refuse)
+    monkeypatch.setattr("dsas.sweep.evaluate_point", _refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return study.main(["--config", "tiny", "--out", str(out), *extra]).read_text()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ledger_copy(tiny_run, tmp_path: Path) -> Path:
+    """The finished run's report folder as another machine gets it from git: the ledger, not the store."""
+    out, _ = tiny_run
+    shutil.copytree(out / "study" / "results", tmp_path / "study" / "results")
+    return tmp_path
+
+
+STRIP = re.compile(r"This invocation took [\d.]+ h")
+
+
+def test_the_ledger_alone_rebuilds_the_report_on_another_machine(tiny_run, tmp_path, monkeypatch):
+    """Without the store (fits, calibrations, points), the committed per-task results give the same report."""
+    out, md_path = tiny_run
+    n_tasks = len(study.plan(study.CONFIGS["tiny"]))
+    assert len(list((out / "study" / "results").rglob("*.json"))) == n_tasks
+    copy = _ledger_copy(tiny_run, tmp_path)
+    md = _rerun(copy, monkeypatch)
+    assert STRIP.sub("", md) == STRIP.sub("", md_path.read_text())
+    assert not (copy / "store" / "steerers").exists()
+
+
+def test_a_ledger_entry_with_another_key_or_damaged_is_recomputed_not_reused(tiny_run, tmp_path, monkeypatch):
+    copy = _ledger_copy(tiny_run, tmp_path)
+    entry = next((copy / "study" / "results").rglob("*.json"))
+    saved = entry.read_text()
+    data = json.loads(saved)
+    data["key"] = "0" * 16  # what a change of config, data, model or RESULT_VERSION does to the key
+    entry.write_text(json.dumps(data))
+    with pytest.raises(AssertionError, match="recomputed"):
+        _rerun(copy, monkeypatch)
+    entry.write_text(saved[: len(saved) // 2])  # a torn file (not one this script writes: it renames)
+    with pytest.raises(AssertionError, match="recomputed"):
+        _rerun(copy, monkeypatch)
+    entry.write_text(saved)
+    _rerun(copy, monkeypatch)
+
+
+def test_a_model_not_installed_reads_its_results_unverified_and_says_so(tiny_run, tmp_path, monkeypatch):
+    _, md_path = tiny_run
+    copy = _ledger_copy(tiny_run, tmp_path)
+
+    def missing(name):
+        raise study.ModelUnavailableError(f"{name} is not installed")
+
+    monkeypatch.setattr(study, "load", missing)
+    md = _rerun(copy, monkeypatch)
+    n_tasks = len(study.plan(study.CONFIGS["tiny"]))
+    assert f"**tiny not installed here** (tiny is not installed): its {n_tasks} finished task(s)" in md
+    assert md.split("## tiny")[1] == md_path.read_text().split("## tiny")[1]
+
+
+def test_ledger_json_keeps_arrays_dtypes_and_numeric_keys():
+    result = {
+        "strengths": {0.05: 1.5, 0.1: 2.0},
+        "arrays": {0.05: {"toxic": np.array([0.0, 1.0]), "ppl": 12.5}},
+        "curve": [(1.0, np.float64(0.25), 0.0)],
+        "hits": {1.0: np.array([1.0, 0.0], dtype=np.float32)},
+    }
+    back = json.loads(json.dumps(study._encode(result)), object_hook=study._decode)
+    assert back["strengths"] == {0.05: 1.5, 0.1: 2.0}
+    assert back["arrays"][0.05]["toxic"].dtype == np.float64
+    np.testing.assert_array_equal(back["arrays"][0.05]["toxic"], [0.0, 1.0])
+    assert back["hits"][1.0].dtype == np.float32 and back["curve"] == [[1.0, 0.25, 0.0]]
 
 
 def test_an_hours_budget_reads_finished_tasks_back_and_lists_the_rest(tiny_run, tmp_path, monkeypatch):
