@@ -667,10 +667,13 @@ def plan(cfg: StudyConfig) -> list[Task]:
     return tasks
 
 
-def put_first(tasks: list[Task], models: Sequence[str]) -> list[Task]:
-    """`tasks` with those of `models` moved to the front, each part in plan order: on a slow machine the cheaper
-    model's seeds and concepts come before the larger model's (the configuration, hence the report, is the same)."""
-    return [t for t in tasks if t.model in models] + [t for t in tasks if t.model not in models]
+def put_first(tasks: list[Task], models: Sequence[str], concepts: bool = False) -> list[Task]:
+    """`tasks` with those of `models` moved to the front (and with `concepts`, concept tasks before toxicity ones
+    within each part), otherwise in plan order: on a slow machine the cheaper model's seeds and concepts come
+    before the larger model's (the configuration, hence the report, is the same)."""
+    return sorted(
+        tasks, key=lambda t: (bool(models) and t.model not in models, concepts and t.kind == "toxicity")
+    )
 
 
 def seconds_key(task: Task, cfg: StudyConfig) -> str:
@@ -1152,6 +1155,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--first", default=None,
         help="comma list of models whose tasks run before the others' (same configuration and report)",
     )  # fmt: skip
+    p.add_argument(
+        "--concepts-first", action="store_true", help="run the concept tasks before the toxicity ones"
+    )
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.models:
@@ -1178,7 +1184,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             p.error(
                 f"--first {args.first}: {sorted(unknown)} not among the configuration's models {cfg.models}"
             )
-        tasks = put_first(tasks, args.first.split(","))
+    if args.first or args.concepts_first:
+        tasks = put_first(tasks, args.first.split(",") if args.first else [], args.concepts_first)
     done: dict[Task, dict[str, Any]] = {}
     skipped: list[Task] = []
     missing: dict[str, str] = {}

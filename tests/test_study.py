@@ -243,6 +243,14 @@ def test_first_moves_one_models_tasks_ahead_in_plan_order():
     assert [t.model for t in moved[:n]] == ["smollm2-135m"] * n
     assert moved[:n] == [t for t in tasks if t.model == "smollm2-135m"]
     assert moved[n:] == [t for t in tasks if t.model != "smollm2-135m"]
+    both = study.put_first(tasks, ["smollm2-135m"], concepts=True)
+    n_con = sum(t.model == "smollm2-135m" and t.kind != "toxicity" for t in tasks)
+    assert both[:n_con] == [t for t in tasks if t.model == "smollm2-135m" and t.kind != "toxicity"]
+    assert both[n_con:n] == [t for t in tasks if t.model == "smollm2-135m" and t.kind == "toxicity"]
+    assert both[n:] == sorted(moved[n:], key=lambda t: t.kind == "toxicity")
+    assert study.put_first(tasks, [], concepts=True) == [t for t in tasks if t.kind != "toxicity"] + [
+        t for t in tasks if t.kind == "toxicity"
+    ]
 
 
 def test_only_the_full_configuration_may_write_docs_study_md(capsys):
