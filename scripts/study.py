@@ -120,10 +120,11 @@ class StudyConfig:
     concept_sets: tuple[str, ...] = CONCEPT_SETS
     concept_steerers: tuple[str, ...] = ("caa", "caa+dsas")
     concept_grids: dict[str, tuple[float, ...]] = field(
-        # Most selective in docs/concepts.md: CAA at 0.5-1.5, pooled CAA + DSAS at 2-3.
+        # Most selective in docs/concepts.md: CAA at 0.5-1.5, pooled CAA + DSAS at 2-3 (pear in a narrow window
+        # around 2.75): each grid is densest where its steerer's optimum lies.
         default_factory=lambda: {
             "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
-            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
+            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
         }
     )
     budgets: tuple[float, ...] = (0.05, 0.10)
