@@ -1046,7 +1046,8 @@ def write_report(
         " into their `--out` folder, never here. `--hours H` starts no new task after H hours and writes the"
         " report of what is finished. Tasks run in this order: the toxicity claims' steerers"
         f" ({', '.join(PRIORITY)}) on every model, then the concept sets, then the other steerers (`--first MODEL`"
-        " runs one model's tasks before the others', in that order).",
+        " runs one model's tasks before the others', in that order; `--concepts-first` the concept tasks before"
+        " the toxicity ones).",
         "",
         "## Progress and cost",
         "",
