@@ -694,15 +694,18 @@ def run_task(
     if got is not None:
         store.notes += got["notes"]
         return dict(got["result"])
-    if not start and store.get(seconds_key(task, cfg)) is None:
+    sk = seconds_key(task, cfg)
+    seconds = store.get(sk)
+    if not start and seconds is None:
         return None
     n_notes = len(store.notes)
     t0 = time.perf_counter()
     run = toxicity_task if task.kind == "toxicity" else concept_task
     out = run(model, tok, task, inp, cfg, store)
-    if store.get(seconds_key(task, cfg)) is None:
-        store.put(seconds_key(task, cfg), time.perf_counter() - t0)
-    out["seconds"] = store.get(seconds_key(task, cfg))
+    if seconds is None:
+        seconds = time.perf_counter() - t0
+        store.put(sk, seconds)
+    out["seconds"] = seconds
     ledger.put(task, key, out, list(dict.fromkeys(store.notes[n_notes:])))
     return out
 
