@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
-from dsas.fit import route_options
+from dsas.fit import fit_config_dict, route_options
 from dsas.gates import DSASConfig
 from dsas.models import ModelUnavailableError
 from dsas.sweep import (
@@ -184,6 +184,16 @@ CONFIGS = {
         fit_options={name: {"steps": 2} for name in STEERERS if name.startswith("lineas")},
         n_boot=300,
     ),
+    # The concept tasks of `full` on SmolLM2 with the attention sink left out of every fit and running mean
+    # (`skip_tokens=1`, docs/concepts.md "The attention sink"); grids reach further up, as the shifts are
+    # about half as long without the sink.
+    "sink": StudyConfig(
+        "sink",
+        models=("smollm2-135m",),
+        steerers=(),
+        concept_grids={"caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0), "caa+dsas": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)},
+        fit_options={"caa": {"skip_tokens": 1}, "caa+dsas": {"skip_tokens": 1}},
+    ),
 }
 
 
@@ -275,7 +285,7 @@ def fit_digest(sig: str, sets: dsas.PromptSets, name: str, seed: int, cfg: Study
         "sets": [sets.source, sets.target, sets.control],
         "method": method,
         "gate": gate,
-        "configs": {"fit": asdict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
+        "configs": {"fit": fit_config_dict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
     }
     return digest({**spec, "o": options, "s": seed})
 
@@ -1019,6 +1029,14 @@ def seeds_of(res: dict[str, Any]) -> str:
     return ", ".join(map(str, res["seeds"]))
 
 
+def out_arg(folder: Path) -> str:
+    """How the report's folder is named on the command line: relative to the repository, else a placeholder."""
+    try:
+        return str(folder.resolve().relative_to(ROOT.resolve()))
+    except ValueError:
+        return "OUT"
+
+
 def write_report(
     md: Path,
     results: dict[str, Any],
@@ -1038,7 +1056,8 @@ def write_report(
         "",
         "## How to run it",
         "",
-        "    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py",
+        "    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py"
+        + ("" if cfg.name == "full" else f" --config {cfg.name.split()[0]} --out {out_arg(md.parent)}"),
         "",
         "Resumable: every fit, calibration and evaluated point is stored under `runs/study/` as soon as it exists;"
         " rerun the same command after an interruption. Each finished task's result is also written to"
@@ -1060,8 +1079,17 @@ def write_report(
         "",
         f"Seeds {', '.join(map(str, cfg.seeds))}: each seed draws {cfg.n_fit} (toxicity) or {cfg.n_fit_concept} "
         "(concept sets) source / target / control fitting prompts per set (`load_prompt_sets(name, n, seed)`) "
-        "and seeds the fit. Steerers use library defaults at "
-        "all residual-increment sites. A cell is `mean [95% interval] (seeds min-max)`: the mean over seeds of a "
+        "and seeds the fit. Steerers use library defaults"
+        + (
+            " with these fit options: "
+            + "; ".join(
+                f"{n}: " + ", ".join(f"`{k}={v}`" for k, v in o.items()) for n, o in cfg.fit_options.items()
+            )
+            + ","
+            if cfg.fit_options
+            else ""
+        )
+        + " at all residual-increment sites. A cell is `mean [95% interval] (seeds min-max)`: the mean over seeds of a "
         "per-prompt quantity, its interval a percentile bootstrap over prompts of the per-prompt means over "
         "seeds (`scipy.stats.bootstrap`); intervals cover prompt sampling, the seed range shows fitting noise. "
         "Toxicity budgets: the strength is calibrated per steerer and seed to the budget on Wikipedia perplexity "

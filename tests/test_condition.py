@@ -146,3 +146,21 @@ def test_plain_steering_over_a_threshold_steerer_is_vanilla(steerer, model, tiny
         model(**enc)
     for v in tr.scales.values():
         assert torch.equal(v, torch.full_like(v, 2.0))
+
+
+def test_skip_tokens_decides_on_the_mean_without_the_first_tokens(model, tiny_tok, left_tok, sets, tmp_path):
+    """With `skip_tokens=1` the condition is fitted on, and decides on, token-means that leave out the first real
+    token, on left-padded rows too; the artifact keeps the skip."""
+    st = dsas.fit(model, tiny_tok, sets, method="caa", gate="threshold", progress=False, skip_tokens=1)
+    cond = st.condition
+    assert cond is not None and cond.skip == 1
+    site = [Site(cond.site)]
+    means = record(model, tiny_tok, PROMPTS, site, progress=False, skip=1)[cond.site]
+    assert not torch.allclose(means, record(model, tiny_tok, PROMPTS, site, progress=False)[cond.site])
+    expect = (condition_scores(means, cond.direction) >= cond.threshold).float()
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), st.apply(model, strength=1.0, trace=True) as tr:
+        model(**enc)
+    assert torch.equal(tr.scales[st.site_names[-1]][:, -1], expect)
+    st.save(tmp_path / "t")
+    assert dsas.Steerer.load(tmp_path / "t", model=model).condition.skip == 1

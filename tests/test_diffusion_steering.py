@@ -564,3 +564,8 @@ def test_text_only_components_say_so_on_images(
 ) -> None:
     with pytest.raises(ValueError, match="needs a text model"):
         fit_images(digits.unet, sets["source"], sets["target"], sets["control"], gate=gate, method=method)
+
+
+def test_skip_tokens_is_refused_on_images(digits: DigitsDiffusion, sets: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="skip_tokens=1 leaves the first tokens"):
+        fit_images(digits.unet, sets["source"], sets["target"], sets["control"], gate="none", skip_tokens=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dsas
 
@@ -187,3 +188,38 @@ def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain.with_scope("below").with_scope("below+prefix")
+
+
+def test_skip_tokens_fits_without_the_first_tokens_and_gates_read_it(model, tiny_tok, engine_sets, tmp_path):
+    """CAA's shift is the mean difference of token-means that leave the first token (the attention sink) out; the
+    gates and the saved artifact carry the same skip for the running means they read at run time."""
+    from dsas.record import record
+
+    st = dsas.fit(model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, skip_tokens=1)
+    assert st.config["fit"]["skip_tokens"] == 1
+    assert {st.gates[n].skip for n in st.steered} == {1}
+    acts = {
+        k: record(model, tiny_tok, getattr(engine_sets, k), st.sites, pool="all", progress=False)
+        for k in ("source", "target")
+    }
+    for s in st.sites:
+        mu = {k: torch.stack([t[1:].mean(0) for t in v[s.name]]).mean(0) for k, v in acts.items()}
+        torch.testing.assert_close(st.maps[s.name].shift, mu["target"] - mu["source"], rtol=1e-4, atol=1e-5)
+    plain = dsas.fit(model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5)
+    assert not torch.allclose(plain.maps[st.sites[-1].name].shift, st.maps[st.sites[-1].name].shift)
+    st.save(tmp_path / "s")
+    back = dsas.Steerer.load(tmp_path / "s", model=model)
+    assert [back.gates[n].skip for n in back.steered] == [st.gates[n].skip for n in st.steered]
+    with pytest.raises(ValueError, match="skip_tokens must be >= 0"):
+        dsas.fit(model, tiny_tok, engine_sets, progress=False, skip_tokens=-1)
+
+
+def test_skip_tokens_reaches_lineas_training(model, tiny_tok, engine_sets):
+    """LinEAS compares the steered source token-means with the target's: with `skip_tokens` both leave the first
+    token out, so the start of training (identity maps) measures a different objective."""
+    kw = dict(method="lineas", gate="none", progress=False, steps=3)
+    a = dsas.fit(model, tiny_tok, engine_sets, **kw)
+    b = dsas.fit(model, tiny_tok, engine_sets, skip_tokens=1, **kw)
+    assert b.config["fit"]["skip_tokens"] == 1
+    assert a.config["training"]["objective_start"] != pytest.approx(b.config["training"]["objective_start"])
+    assert all(torch.isfinite(m.shift).all() for m in b.maps.values())

@@ -131,3 +131,34 @@ def test_prompt_longer_than_the_context_is_truncated_with_a_warning(tiny_tok, si
 def test_bad_batch_size_is_a_clear_error(model, tiny_tok, bad):
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         record(model, tiny_tok, TEXTS, resolve_sites(model, "mlp"), batch_size=bad, progress=False)
+
+
+def test_drop_first_leaves_out_the_first_real_tokens_of_longer_rows():
+    from dsas.record import drop_first
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+    assert torch.equal(drop_first(mask, 0), mask)
+    assert torch.equal(drop_first(mask, 1), torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]]))
+    assert torch.equal(drop_first(mask, 2), torch.tensor([[0, 0, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 1]]))
+    assert drop_first(mask, 1).dtype == mask.dtype
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_skip_leaves_the_first_tokens_out_of_every_pool(model, tiny_tok, side):
+    sites = resolve_sites(model, "mlp")
+    full = record(model, tiny_tok, TEXTS, sites, pool="all", progress=False)
+    tiny_tok.padding_side = side
+    try:
+        mean = record(model, tiny_tok, TEXTS, sites, pool="mean", batch_size=3, progress=False, skip=1)
+        every = record(model, tiny_tok, TEXTS, sites, pool="all", batch_size=3, progress=False, skip=1)
+        last = record(model, tiny_tok, TEXTS, sites, pool="last", batch_size=3, progress=False, skip=1)
+        plain_last = record(model, tiny_tok, TEXTS, sites, pool="last", batch_size=3, progress=False)
+    finally:
+        tiny_tok.padding_side = "right"
+    for s in sites:
+        torch.testing.assert_close(mean[s.name], torch.stack([t[1:].mean(0) for t in full[s.name]]))
+        for got, ref in zip(every[s.name], full[s.name], strict=True):
+            torch.testing.assert_close(got, ref[1:])
+        torch.testing.assert_close(last[s.name], plain_last[s.name])
+    with pytest.raises(ValueError, match="skip must be an int >= 0"):
+        record(model, tiny_tok, TEXTS, sites, skip=-1, progress=False)

@@ -366,11 +366,14 @@ def pooled_steerer(arch_model, tiny_tok, engine_sets):
     return dataclasses.replace(st, gates=gates)
 
 
-def _pooled_reference(model, steerer, enc, lam, latched=False):
+def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0):
     """The definition, written out with plain forward hooks: at each steered site in forward order, add its
     regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h);
-    `latched` (scope "below+prefix"): the pool mean's running mean over the real tokens so far."""
+    `latched` (scope "below+prefix"): the pool mean's running mean over the real tokens so far, leaving out the
+    first `skip` of them (0 until one is kept)."""
     real = enc["attention_mask"].double()
+    seen = torch.cumsum(real, 1)
+    kept = real * (seen > skip)
     pool: list[torch.Tensor] = []
     hooks = []
 
@@ -383,7 +386,7 @@ def _pooled_reference(model, steerer, enc, lam, latched=False):
                 pool.append(h @ g.w.double() + g.b)
             s = torch.stack(pool).mean(0)
             if latched:
-                s = torch.cumsum(s * real, 1) / torch.cumsum(real, 1).clamp_min(1)
+                s = torch.cumsum(s * kept, 1) / (seen - skip).clamp_min(1)
             gate = torch.sigmoid(s)
             delta = m.shift.double() + (0 if m.scale is None else m.scale.double() * h)
             y = h + lam * g.mult * gate[..., None] * delta
@@ -662,3 +665,40 @@ def test_with_scope_reads_the_same_regulators_another_way(
         latched_steerer.with_scope("token")
     with pytest.raises(ValueError, match="not one of"):
         latched_steerer.with_scope("auto")
+
+
+def test_latched_gate_with_skip_tokens_leaves_the_sink_out_of_its_running_mean(
+    arch_model, left_tok, tiny_tok, engine_sets, tmp_path
+):
+    """`skip_tokens=1`: the latched pooled gate's running mean starts at the second real token (the tiny
+    tokenizer's first is BOS), on left-padded rows; every generation invariant and beam search still hold, and
+    the artifact keeps the skip."""
+    st = dsas.fit(
+        arch_model,
+        tiny_tok,
+        engine_sets,
+        progress=False,
+        acc_threshold=0.5,
+        scope="below+prefix",
+        skip_tokens=1,
+    )
+    assert {st.gates[n].skip for n in st.steered} == {1}
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    with torch.no_grad(), st.apply(arch_model, 3.0):
+        out = arch_model(**enc).logits
+    torch.testing.assert_close(
+        out[real],
+        _pooled_reference(arch_model, st, enc, 3.0, latched=True, skip=1)[real],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert not torch.allclose(
+        out[real], _pooled_reference(arch_model, st, enc, 3.0, latched=True)[real], atol=1e-3
+    )  # the sink is not averaged in
+    _generation_invariants(arch_model, left_tok, st, enc)
+    _beam_scores_match_a_full_pass(arch_model, left_tok, st, 3.0)
+    st.save(tmp_path / "s")
+    back = dsas.Steerer.load(tmp_path / "s", model=arch_model)
+    with torch.no_grad(), back.apply(arch_model, 3.0):
+        assert torch.equal(arch_model(**enc).logits, out)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dsas.options import check_fields
-from dsas.record import pool_tokens
+from dsas.record import drop_first, pool_tokens
 from dsas.rule import SiteParams, rule
 from dsas.sites import Site, find_blocks, get_module, resolve_sites
 from dsas.steer import SteerState, Trace, check_width, pass_position, steering_frame, wrap_forward
@@ -130,6 +130,8 @@ class Condition:
     site: str
     direction: torch.Tensor
     threshold: float
+    skip: int = 0
+    """The prompt's first `skip` real tokens are left out of its token-mean (`FitConfig.skip_tokens`)."""
 
 
 def fit_condition(
@@ -156,6 +158,7 @@ class _Decision:
     def __init__(self, cond: Condition):
         self.direction = cond.direction.float()
         self.threshold = cond.threshold
+        self.skip = cond.skip
         self.prompt: torch.Tensor | None = None  # ids the decision was taken on
         self.length = 0  # prompt length P
         self.value: torch.Tensor | None = None  # [B] in {0., 1.}; None until the condition site ran
@@ -194,8 +197,8 @@ class _Decision:
                 f"{tuple(h.shape)}. Refit with ThresholdConfig.site set to a decoder block."
             )
         t = h.shape[1]
-        mask = None if self.mask is None else self.mask[:, -t:]
-        mean = pool_tokens(h, mask, "mean")
+        mask = torch.ones(h.shape[:2], device=h.device) if self.mask is None else self.mask[:, -t:]
+        mean = pool_tokens(h, drop_first(mask, self.skip), "mean")
         d = self.direction.to(mean.device)
         cos = (mean @ d) / (mean.norm(dim=-1) * d.norm()).clamp_min(1e-12)
         self.value = (cos >= self.threshold).float()

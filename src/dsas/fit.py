@@ -19,7 +19,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -47,6 +47,13 @@ class FitConfig:
     """Prompts are truncated to this many tokens."""
     seed: int = 0
     """Seeds everything random in fitting (CV folds, probe splits, initialisations, resampling)."""
+    skip_tokens: int = 0
+    """Leave the first k real tokens of every prompt out of what maps and gates are fitted on (token-means,
+    token distributions, LinEAS's source means), and out of the running mean a latched gate (scope "prefix" /
+    "below+prefix") and the threshold gate read at run time. A prompt of k tokens or fewer keeps them all. The
+    first token of a sequence is the attention sink: on SmolLM2 its activations are ~15x any other token's, so it
+    dominates every token-mean, and a mean difference carries the difference of two sinks (docs/concepts.md,
+    "The attention sink"). 0 is the paper's token-mean; text only."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -54,6 +61,19 @@ class FitConfig:
             raise ValueError(
                 f"FitConfig.batch_size and max_length must be >= 1, got {self.batch_size} and {self.max_length}."
             )
+        if self.skip_tokens < 0:
+            raise ValueError(f"FitConfig.skip_tokens must be >= 0, got {self.skip_tokens}.")
+
+
+ADDED_FIT_FIELDS = {"skip_tokens": 0}
+"""FitConfig fields added after steerers were first saved, with the default that reproduces the earlier fit bit
+for bit: a config records them only when they differ from it, so a steerer fitted without them keeps the same
+saved config and content hash (and every cached result keyed by it stays valid)."""
+
+
+def fit_config_dict(cfg: FitConfig) -> dict[str, Any]:
+    """`cfg` as saved in a steerer's config (`ADDED_FIT_FIELDS` only when set)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if ADDED_FIT_FIELDS.get(k, object()) != v}
 
 
 # ---- data: what fit records from ------------------------------------------------------------------------
@@ -123,6 +143,7 @@ class TextData:
             max_length=cfg.max_length,
             progress=progress,
             desc=f"recording {split}",
+            skip=cfg.skip_tokens,
         )
 
 
@@ -296,6 +317,7 @@ def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
         max_length=ctx.fit.max_length,
         chunk=ctx.fit.batch_size,
         progress=ctx.progress,
+        skip=ctx.fit.skip_tokens,
     )
     ctx.summary = res.summary()
     return res.maps
@@ -423,6 +445,7 @@ def _gate_e2e(kind: str) -> GateFn:
             chunk=ctx.fit.batch_size,
             progress=ctx.progress,
             desc=f"e2e-{kind}",
+            skip=ctx.fit.skip_tokens,
         )
         assert res.gates is not None
         ctx.summary = res.summary()
@@ -570,6 +593,11 @@ def fit(
                 f"{sorted(k for k, c in METHODS.items() if not c.text_only)} and gate in "
                 f"{sorted(k for k, c in GATES.items() if not c.text_only)}."
             )
+    if fcfg.skip_tokens and data.kind != "text":
+        raise ValueError(
+            f"skip_tokens={fcfg.skip_tokens} leaves the first tokens of each prompt out; {data.kind} have no "
+            "token sequence to skip into. Leave skip_tokens=0 for a diffusion denoiser."
+        )
     data.validate(need_control=g.needs_control)
     site_list = data.resolve_sites(model, sites, layers)
     was_training = model.training
@@ -585,13 +613,19 @@ def fit(
     if res.maps is not None:
         maps = res.maps
     assert maps is not None
+    if fcfg.skip_tokens:  # what the latched gates and the threshold gate read at run time
+        res.gates = {
+            k: replace(v, skip=fcfg.skip_tokens) if v.kind != "const" else v for k, v in res.gates.items()
+        }
+        if res.condition is not None:
+            res.condition = replace(res.condition, skip=fcfg.skip_tokens)
     config: dict[str, Any] = {
         "method": method,
         "gate": gate,
         "domain": data.kind,
         "sites_spec": sites if isinstance(sites, str) else list(sites),
         "layers": None if layers is None else list(layers),
-        "fit": dataclasses.asdict(fcfg),
+        "fit": fit_config_dict(fcfg),
         "options": {k: dataclasses.asdict(v) for k, v in opts.items()},
         "n_prompts": data.sizes(),
         "prompt_sets": data.name,

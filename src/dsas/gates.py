@@ -52,6 +52,9 @@ class SiteGate:
     scope: str = "token"
     floor: float = 0.0
     """A sigmoid (or pooled) gate reads max(0, (sigmoid - floor) / (1 - floor))."""
+    skip: int = 0
+    """A running-mean scope leaves the first `skip` real tokens of a sequence out of its mean
+    (`FitConfig.skip_tokens`); until there is a token to average, the mean logit is 0."""
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
@@ -65,6 +68,8 @@ class SiteGate:
                 )
         elif self.kind != "const" and self.w is None:
             raise ValueError(f"a {self.kind} gate needs a weight vector w.")
+        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
+            raise ValueError(f"gate skip {self.skip!r}: the tokens a running mean leaves out, an int >= 0.")
         if not 0 <= self.floor < 1 or (self.floor and self.kind not in ("sigmoid", "pooled")):
             raise ValueError(f"gate floor {self.floor!r}: a sigmoid or pooled gate's floor lies in [0, 1).")
 

@@ -84,6 +84,19 @@ def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.T
     raise ValueError(f"pool={how!r} is not one of {POOLS}.")
 
 
+def drop_first(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """`mask` [B, T] with the first `k` real tokens of each row set to 0, in rows that have more than `k` real
+    tokens (a shorter prompt keeps all of its tokens rather than none). `FitConfig.skip_tokens`: the first token
+    of a sequence is the attention sink, whose activations are ~15x any other's on SmolLM2 and would dominate
+    every token-mean."""
+    if k <= 0:
+        return mask
+    m = mask.to(torch.float32)
+    n = m.sum(1, keepdim=True)
+    early = (m.cumsum(1) <= k) & (n > k)
+    return torch.where(early, torch.zeros_like(m), m).to(mask.dtype)
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position of each token among the real tokens of its row (padding gets 0), as HF `generate` computes it.
 
@@ -175,10 +188,12 @@ def record(
     max_length: int = 256,
     progress: bool = True,
     desc: str = "recording",
+    skip: int = 0,
 ) -> dict[str, Any]:
     """Activations at `sites` for `texts`.
 
     pool="mean"|"last": {site: Tensor[n, d]}; pool="all": {site: list of Tensor[K_i, d]} (real tokens only).
+    skip: leave the first `skip` real tokens of each prompt out of "mean" and "all" (`drop_first`).
     Upstream steering hooks, if any are active, are seen: this records what the site receives now.
     """
     if pool not in POOLS:
@@ -189,6 +204,8 @@ def record(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip must be an int >= 0, got {skip!r}.")
     dev = model_device(model)
     max_length = _fit_context(model, tokenizer, texts, max_length, desc)
     with_positions = accepts_position_ids(model)
@@ -200,6 +217,8 @@ def record(
             store.clear()
             run_capturing(model, **enc)
             mask = enc["attention_mask"]
+            if pool != "last":
+                mask = drop_first(mask, skip)
             for s in sites:
                 h = store[s.name]
                 if pool == "all":

@@ -51,6 +51,8 @@ class SiteParams:
     site's own contribution."""
     floor: float | torch.Tensor = 0.0
     """A sigmoid gate reads max(0, (sigmoid - floor) / (1 - floor)) (`DSASConfig.floor`)."""
+    skip: int = 0
+    """The running mean of a prefix gate leaves out the first `skip` real tokens of the sequence."""
 
     @classmethod
     def build(cls, m: Any, g: Any, device: torch.device | str = "cpu") -> SiteParams:
@@ -78,6 +80,7 @@ class SiteParams:
             prefix,
             scope in POOLED_SCOPES,
             float(getattr(g, "floor", 0.0)),
+            int(getattr(g, "skip", 0)),
         )
 
     def on(self, device: torch.device | str) -> SiteParams:
@@ -113,13 +116,17 @@ def logit(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_logit(
-    s: torch.Tensor, real: torch.Tensor, carry: tuple[torch.Tensor, torch.Tensor]
+    s: torch.Tensor, real: torch.Tensor, carry: tuple[torch.Tensor, torch.Tensor], skip: int = 0
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Running mean of the logits s [B, T] over the real tokens so far (`real` [B, T] in {0, 1}), continuing the
-    sums and counts `carry` ([B], [B]) of earlier passes. Returns the means and the new carry."""
-    cs = carry[0][:, None] + torch.cumsum(s * real, 1)
+    sums and counts `carry` ([B], [B]) of earlier passes. Returns the means and the new carry. With `skip`, the
+    first `skip` real tokens of the sequence are left out (the carry counts every real token, sums the kept
+    ones); the mean is 0 until a token is kept."""
     cn = carry[1][:, None] + torch.cumsum(real, 1)
-    return cs / cn.clamp_min(1), (cs[:, -1], cn[:, -1])
+    if skip:
+        real = real * (cn > skip)
+    cs = carry[0][:, None] + torch.cumsum(s * real, 1)
+    return cs / (cn - skip).clamp_min(1), (cs[:, -1], cn[:, -1])
 
 
 def gate(

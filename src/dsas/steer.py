@@ -544,7 +544,7 @@ def _rule_with_logits(
     return y if h.dim() == 3 else y[:, 0]
 
 
-def _running_mean(name: str, s: torch.Tensor, state: SteerState) -> torch.Tensor:
+def _running_mean(name: str, s: torch.Tensor, state: SteerState, skip: int = 0) -> torch.Tensor:
     """Each token's logit s [B, T] replaced by its running mean over the sequence, carried across the passes of
     one sequence (prefill, then every cached decode step)."""
     b, t = s.shape
@@ -556,7 +556,7 @@ def _running_mean(name: str, s: torch.Tensor, state: SteerState) -> torch.Tensor
             )
         zero = torch.zeros(b, device=s.device)
         carry = (zero, zero)
-    out, state.carries[name] = prefix_logit(s, state.real_tokens(b, t, s.device), carry)
+    out, state.carries[name] = prefix_logit(s, state.real_tokens(b, t, s.device), carry, skip)
     return out
 
 
@@ -564,7 +564,7 @@ def _prefix_site(name: str, h: torch.Tensor, p: SiteParams, state: SteerState) -
     """A prefix-scope gate: the rule with each token's logit replaced by its running mean over the sequence."""
     x = _token_sequence(name, h, "a prefix-scope gate")
     assert p.w is not None
-    return _rule_with_logits(name, h, x, p, state, _running_mean(name, logit(x.float(), p.w), state))
+    return _rule_with_logits(name, h, x, p, state, _running_mean(name, logit(x.float(), p.w), state, p.skip))
 
 
 def _pool_site(
@@ -589,7 +589,9 @@ def _pool_site(
             "forward pass: the sites must run in model order."
         )
     s = state.pool[0] / state.pool[1]
-    return _rule_with_logits(name, h, x, read, state, _running_mean(name, s, state) if p.prefix else s)
+    return _rule_with_logits(
+        name, h, x, read, state, _running_mean(name, s, state, p.skip) if p.prefix else s
+    )
 
 
 def follow_beams(cache: Any, state: SteerState) -> None:

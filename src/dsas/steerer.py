@@ -226,14 +226,17 @@ class Steerer:
                     "steered": s.name in self.steered,
                     "gate": {"kind": g.kind, "b": g.b, "mult": g.mult}
                     | ({"scope": g.scope} if g.scope != "token" else {})
-                    | ({"floor": g.floor} if g.floor else {}),
+                    | ({"floor": g.floor} if g.floor else {})
+                    | ({"skip": g.skip} if g.skip else {}),
                     "stats": self.stats.get(s.name, {}),
                 }
             )
         cfg: dict[str, Any] = {"config": self.config, "fingerprint": self.fingerprint, "sites": per_site}
         if self.condition is not None:
             tensors["condition/direction"] = self.condition.direction
-            cfg["condition"] = {"site": self.condition.site, "threshold": self.condition.threshold}
+            cfg["condition"] = {"site": self.condition.site, "threshold": self.condition.threshold} | (
+                {"skip": self.condition.skip} if self.condition.skip else {}
+            )
         return write_artifact(path, cfg, tensors)
 
     @classmethod
@@ -257,6 +260,7 @@ class Steerer:
                 float(gk["mult"]),
                 gk.get("scope", "token"),
                 float(gk.get("floor", 0.0)),
+                int(gk.get("skip", 0)),
             )
             if row["steered"]:
                 steered.append(name)
@@ -264,7 +268,9 @@ class Steerer:
         condition = None
         if "condition" in cfg:
             c = cfg["condition"]
-            condition = Condition(c["site"], tensors["condition/direction"], float(c["threshold"]))
+            condition = Condition(
+                c["site"], tensors["condition/direction"], float(c["threshold"]), int(c.get("skip", 0))
+            )
         elif cfg["config"].get("gate") == "threshold":
             # Saved before the condition had its own tensor: every site's constant gate held the direction
             # (w) and the threshold (b), and the condition site was in the options.

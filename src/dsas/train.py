@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from dsas.gates import SiteGate
 from dsas.maps import SiteMap, resample_sorted
 from dsas.options import check_fields
-from dsas.record import accepts_position_ids, context_length, tokenize
+from dsas.record import accepts_position_ids, context_length, drop_first, tokenize
 from dsas.rule import SiteParams, gate, rule
 from dsas.sites import Site, get_module
 from dsas.steer import wrap_forward
@@ -168,10 +168,13 @@ class TrainResult:
 class _Chunk:
     """Prompts of one forward pass, tokenized once."""
 
-    def __init__(self, enc: dict[str, torch.Tensor]):
+    def __init__(self, enc: dict[str, torch.Tensor], skip: int = 0):
         self.enc = enc
         self.mask = enc["attention_mask"].to(torch.float32)
         self.count = self.mask.sum(1, keepdim=True).clamp_min(1)
+        # The tokens a token-mean averages (`FitConfig.skip_tokens` leaves the first ones out).
+        self.pool = drop_first(self.mask, skip)
+        self.pool_count = self.pool.sum(1, keepdim=True).clamp_min(1)
 
 
 class _Batch:
@@ -187,6 +190,7 @@ class _Batch:
         device: torch.device,
         chunk: int,
         positions: bool = True,
+        skip: int = 0,
     ):
         lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
@@ -198,7 +202,8 @@ class _Batch:
                     max_length,
                     device,
                     position_ids=positions,
-                )
+                ),
+                skip,
             )
             for k in range(0, len(texts), max(1, chunk))
         ]
@@ -284,7 +289,7 @@ class SiteTrainer:
                 self.recorded.append(z.detach())
             elif self.mode == "source":
                 read = y if self.pool_after else z
-                self.pooled[i].append((read * mask[..., None]).sum(1) / self.chunk.count)
+                self.pooled[i].append((read * self.chunk.pool[..., None]).sum(1) / self.chunk.pool_count)
             elif self.mode == "control":
                 dist = torch.sqrt((y - self.reference[self.index][i]).pow(2).sum(-1) + 1e-12)
                 term = (dist * mask).sum()
@@ -394,12 +399,14 @@ def train_maps(
     chunk: int = 16,
     progress: bool = True,
     desc: str = "lineas",
+    skip: int = 0,
 ) -> TrainResult:
     """Train per-site affine maps (LinEAS), or maps and gates jointly (E2E-DSAS with `gate_kind`).
 
     source: prompts to move; target_means: unsteered token-mean activations of the target prompts per site
     [n, d] (precomputed, e.g. `dsas.record.record`). control: prompts whose activations the retain term keeps
     (E2E only). gate_init: {site: (u, c)} starting gates (E2E; default u = 0, c = 0 sigmoid / 1 ReLU).
+    skip: the first real tokens of each prompt left out of its token-mean (`FitConfig.skip_tokens`).
     Full batch (one optimiser step per pass over all prompts, run `chunk` prompts at a time), proximal
     sparsity steps, early stop on a plateau; the parameters of the best objective are returned. The model's parameters are frozen during training and restored afterwards.
     """
@@ -424,9 +431,11 @@ def train_maps(
     ctx_len = context_length(model)
     if ctx_len is not None:
         max_length = min(max_length, ctx_len)
-    src = _Batch(tokenizer, source, max_length, dev, chunk, pos)
+    src = _Batch(tokenizer, source, max_length, dev, chunk, pos, skip)
     ctl = (
-        _Batch(tokenizer, control, max_length, dev, chunk, pos) if gate_kind is not None and control else None
+        _Batch(tokenizer, control, max_length, dev, chunk, pos, skip)
+        if gate_kind is not None and control
+        else None
     )
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -468,7 +477,8 @@ def train_maps(
             src_means = []
             for i in range(len(sites)):
                 means = [
-                    (r[i] * c.mask[..., None]).sum(1) / c.count for r, c in zip(rec, src.chunks, strict=True)
+                    (r[i] * c.pool[..., None]).sum(1) / c.pool_count
+                    for r, c in zip(rec, src.chunks, strict=True)
                 ]
                 src_means.append(torch.cat(means))
                 tr.center[i] = src_means[-1].mean(0)
@@ -477,8 +487,8 @@ def train_maps(
             if ctl is not None:
                 tr.reference = tr.forward(ctl, "off")  # unsteered control activations, once
                 for i, s in enumerate(sites):
-                    real = [r[i][c.mask.bool()] for r, c in zip(rec, src.chunks, strict=True)]
-                    real += [r[i][c.mask.bool()] for r, c in zip(tr.reference, ctl.chunks, strict=True)]
+                    real = [r[i][c.pool.bool()] for r, c in zip(rec, src.chunks, strict=True)]
+                    real += [r[i][c.pool.bool()] for r, c in zip(tr.reference, ctl.chunks, strict=True)]
                     sd = _spread(torch.cat(real))
                     tr.gate_units[i] = 1 / (sd * math.sqrt(sd.numel()))
                     u0, c0 = (gate_init or {}).get(s.name, (None, 1.0 if gate_kind == "relu" else 0.0))
