@@ -48,6 +48,8 @@ GRIDS: dict[str, tuple[str, dict[str, object], list[float]]] = {
     "caa(incr)": ("none", {"incremental": True}, [0.5, 1.0, 1.5, 2.0]),
     "caa(incr)+dsas": ("dsas", {"incremental": True}, [1.0, 2.0, 3.0, 4.0]),
     "caa(incr)+dsas(tokens)": ("dsas", {"incremental": True, "features": "tokens"}, [1.0, 2.0, 3.0, 4.0]),
+    "caa(skip)": ("none", {"skip_tokens": 1}, [0.25, 0.5, 1.0, 1.5]),
+    "caa+dsas(skip)": ("dsas", {"skip_tokens": 1}, [1.0, 2.0, 3.0, 4.0]),
 }
 
 
@@ -115,6 +117,9 @@ def main() -> None:
         help="One more CAA + DSAS steerer with these fit options, e.g. 'caa+dsas(f)={\"floor\": 0.5}' (its grid is "
         "--strengths, or caa+dsas's).",
     )
+    ap.add_argument(
+        "--show", type=int, default=0, help="Print the first N in-category continuations per row."
+    )
     args = ap.parse_args()
     for spec in args.steerer:
         name, _, raw = spec.partition("=")
@@ -168,6 +173,8 @@ def main() -> None:
             }
             rows.append(r)
             print(json.dumps(r), f"({time.time() - t0:.0f} s)", flush=True)
+            for p, c in list(zip(ins, ci, strict=True))[: args.show]:
+                print(f"    {p!r} -> {c!r}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.sets}.json"
     ran = {r["steerer"] for r in rows}

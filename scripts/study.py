@@ -22,6 +22,8 @@ each seed first) and a stopped run writes a partial report listing what is not r
 
     .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
     .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config sink --out docs/sink    # concepts, skip_tokens=1
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config pca64 --out docs/pca64  # pear, pca_dim=64 gates
 
 What it measures, per model (SmolLM2-135M; Gemma-3-270M when its optional package is installed, else a note)
 and per steerer (CAA, ITI, LinEAS each ungated and + DSAS, LinEAS + E2E-DSAS; library defaults), fitted on
@@ -193,6 +195,15 @@ CONFIGS = {
         steerers=(),
         concept_grids={"caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0), "caa+dsas": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)},
         fit_options={"caa": {"skip_tokens": 1}, "caa+dsas": {"skip_tokens": 1}},
+    ),
+    # Pear with regulators keeping 64 principal components instead of 5 (docs/concepts.md, "Choosing the
+    # regulator": half as many fruit-less prompts open the gate); CAA is the full study's, read from its store.
+    "pca64": StudyConfig(
+        "pca64",
+        models=("smollm2-135m",),
+        steerers=(),
+        concept_sets=("concept",),
+        fit_options={"caa+dsas": {"pca_dim": 64}},
     ),
 }
 
@@ -1037,6 +1048,21 @@ def out_arg(folder: Path) -> str:
         return "OUT"
 
 
+def default_store(cfg: StudyConfig, out: Path) -> Path:
+    """Where fits, calibrations and points go: runs/study for the full study, runs/study-<config> for another
+    configuration reporting into the repository (its store must not land in docs/), else <out>/store."""
+    if cfg.name == "full":
+        return ROOT / "runs" / "study"
+    if out_arg(out) != "OUT":
+        return ROOT / "runs" / f"study-{cfg.name.split()[0]}"
+    return out / "store"
+
+
+def store_arg(cfg: StudyConfig, out: Path) -> str:
+    path = default_store(cfg, out)
+    return out_arg(path) if out_arg(out) != "OUT" or cfg.name == "full" else "OUT/store"
+
+
 def write_report(
     md: Path,
     results: dict[str, Any],
@@ -1059,7 +1085,8 @@ def write_report(
         "    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py"
         + ("" if cfg.name == "full" else f" --config {cfg.name.split()[0]} --out {out_arg(md.parent)}"),
         "",
-        "Resumable: every fit, calibration and evaluated point is stored under `runs/study/` as soon as it exists;"
+        f"Resumable: every fit, calibration and evaluated point is stored under `{store_arg(cfg, md.parent)}/`"
+        " (unless `--store` names another folder) as soon as it exists;"
         " rerun the same command after an interruption. Each finished task's result is also written to"
         f" `{md.stem}/results/` beside this report (one JSON file per task, keyed by a digest of its configuration,"
         " data, model and fit configs, committed with the report): this report is rebuilt from those files alone,"
@@ -1146,14 +1173,15 @@ def write_report(
                 claim_lines += [f"* {set_name}: {c}" for c in claims]
             lines += ["", "### Claims (concepts)", "", *claim_lines]
             pending = len(cfg.concept_sets) - len(concepts)
+            goal = min(2, len(cfg.concept_sets))  # the issue's bar: 2 of the 3 shipped sets
             lines.append(
                 f"* CAA + DSAS meets both (>= 60% in, <= 5% out, and more selective than CAA, at one strength) on {n_pass} of "
-                f"{len(concepts)} concept sets (goal: at least 2 of {len(cfg.concept_sets)}): "
+                f"{len(concepts)} concept sets (goal: at least {goal} of {len(cfg.concept_sets)}): "
                 + (
                     "**holds**"
-                    if n_pass >= 2
+                    if n_pass >= goal
                     else "**does not hold**"
-                    if n_pass + pending < 2
+                    if n_pass + pending < goal
                     else "**open**"
                 )
                 + (f" ({pending} set(s) not run yet)" if pending else "")
@@ -1174,7 +1202,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--out", default=None, help="folder of the report (default: docs/ for full, else required)"
     )
     p.add_argument("--store", default=None, help="fits, calibrations and points (default: runs/study for full, "
-                   "else <out>/store)")  # fmt: skip
+                   "runs/study-<config> for another configuration reporting into the repository, else <out>/store)")  # fmt: skip
     p.add_argument("--results", default=None, help="the ledger of finished tasks' results (default: "
                    "<out>/study/results, docs/study/results for full)")  # fmt: skip
     p.add_argument("--models", default=None, help="comma list overriding the configuration's models")
@@ -1203,9 +1231,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     md = out / "study.md"
     if md.resolve() == DOCS_REPORT.resolve() and cfg != CONFIGS["full"]:
         p.error("docs/study.md is written by the full configuration only; pass another --out")
-    store = Store(
-        Path(args.store) if args.store else (ROOT / "runs" / "study" if cfg.name == "full" else out / "store")
-    )
+    store = Store(Path(args.store) if args.store else default_store(cfg, out))
     ledger = Ledger(Path(args.results) if args.results else md.parent / md.stem / "results")
 
     t0 = time.perf_counter()
