@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,11 @@ def pooled_logit(fits: list, acts: dict[str, torch.Tensor], names: list[str]) ->
     if not logits:
         return np.zeros(len(next(iter(acts.values()))))
     return np.mean(logits, axis=0)
+
+
+def row(vals: Any) -> str:
+    """The table cells after the names: sites, then AUC and the three shares."""
+    return f"{vals[0]:.0f} | " + " | ".join(f"{x:.3f}" for x in vals[1:]) + " |"
 
 
 def main() -> None:
@@ -100,17 +106,12 @@ def main() -> None:
                 q = float(np.quantile(lo, 0.95))
                 vals = [sum(f.active for f in fits), auc, (li > 0).mean(), (lo > 0).mean(), (li > q).mean()]
                 summary.setdefault((name, vname), []).append(vals)
-                print(
-                    f"| {name} | {seed} | {vname} | {sum(f.active for f in fits)} | {auc:.3f} | "
-                    f"{(li > 0).mean():.3f} | {(lo > 0).mean():.3f} | {(li > q).mean():.3f} |",
-                    flush=True,
-                )
+                print(f"| {name} | {seed} | {vname} | {row(vals)}", flush=True)
     print(f"\nMeans over seeds {args.seeds}:\n")
     print("| set | options | accurate sites | AUC | in open | out open | in above out's 95th pct |")
     print("|---|---|---|---|---|---|---|")
     for (name, vname), rows in summary.items():
-        m = np.mean(rows, axis=0)
-        print(f"| {name} | {vname} | {m[0]:.0f} | " + " | ".join(f"{x:.3f}" for x in m[1:]) + " |")
+        print(f"| {name} | {vname} | {row(np.mean(rows, axis=0))}")
 
 
 if __name__ == "__main__":

@@ -1059,8 +1059,9 @@ def default_store(cfg: StudyConfig, out: Path) -> Path:
 
 
 def store_arg(cfg: StudyConfig, out: Path) -> str:
-    path = default_store(cfg, out)
-    return out_arg(path) if out_arg(out) != "OUT" or cfg.name == "full" else "OUT/store"
+    """The default store as the report names it (`out_arg`; <out>/store outside the repository)."""
+    rel = out_arg(default_store(cfg, out))
+    return "OUT/store" if rel == "OUT" else rel
 
 
 def write_report(

@@ -171,7 +171,6 @@ class _Chunk:
     def __init__(self, enc: dict[str, torch.Tensor], skip: int = 0):
         self.enc = enc
         self.mask = enc["attention_mask"].to(torch.float32)
-        self.count = self.mask.sum(1, keepdim=True).clamp_min(1)
         # The tokens a token-mean averages (`FitConfig.skip_tokens` leaves the first ones out).
         self.pool = drop_first(self.mask, skip)
         self.pool_count = self.pool.sum(1, keepdim=True).clamp_min(1)
