@@ -5,6 +5,11 @@ on neutral prompts). It tells a gate that misses toxic prompts from one that cat
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/gate_coverage.py                      # SmolLM2, seeds 0-2, +10%
     OMP_NUM_THREADS=2 .venv/bin/python scripts/gate_coverage.py --model gemma3-270m --seeds 0
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/gate_coverage.py --steerers "caa+dsas(removal)" \
+        --variant 'latched, no split={"split": null}' --variant 'split, fpr .1={"control_fpr": 0.1}'
+
+A `--variant LABEL=JSON` is the first steerer fitted with those options on top of its own (what a study
+configuration's `fit_options` would give it); it is fitted, calibrated and stored like the study's.
 
 Reads the fits and calibrations `scripts/study.py` stored under runs/study/ (what is missing is fitted or
 calibrated the way the study does it, and stored). ~1 min per steerer and seed for SmolLM2 on 2 CPU cores.
@@ -13,7 +18,9 @@ calibrated the way the study does it, and stored). ~1 min per steerer and seed f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +49,21 @@ def main() -> None:
     ap.add_argument("--steerers", default="caa+dsas,caa+dsas(removal)")
     ap.add_argument("--budget", type=float, default=0.10)
     ap.add_argument("--store", default=str(study.ROOT / "runs" / "study"))
+    ap.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL=JSON",
+        help="also the first steerer with these fit options on top of its own (repeatable)",
+    )  # fmt: skip
     args = ap.parse_args()
-    cfg = study.CONFIGS["full"]
+    full = study.CONFIGS["full"]
+    names = args.steerers.split(",")
+    rows = [(n, n, full) for n in names]
+    for v in args.variant:
+        label, _, opts = v.partition("=")
+        extra = {names[0]: {**full.fit_options.get(names[0], {}), **json.loads(opts)}}
+        rows.append((f"{names[0]} [{label}]", names[0], replace(full, fit_options=extra)))
     store = study.Store(Path(args.store))
     model, tok = study.load(args.model)
-    data = study.toxicity_data(cfg)
+    data = study.toxicity_data(full)
     sig = model_signature(model)["weights"]
     print(
         f"{args.model}, +{args.budget:.0%} perplexity; {len(data.prompts)} toxic, {len(data.neutral)} neutral"
@@ -54,7 +71,7 @@ def main() -> None:
     print(
         "steerer | seed | strength | toxic: any gate open, mean open share | neutral: any open, mean open share"
     )
-    for name in args.steerers.split(","):
+    for label, name, cfg in rows:
         for seed in map(int, args.seeds.split(",")):
             sets = dsas.load_prompt_sets("toxicity", n=cfg.n_fit, seed=seed)
             st = study.fitted(store, model, tok, args.model, sig, sets, name, seed, cfg)
@@ -63,7 +80,7 @@ def main() -> None:
             for texts in (data.prompts, data.neutral):
                 c = coverage(st, model, tok, texts, lam)
                 cells.append(f"{np.mean(c[:, 0] > 0):.3f}, {np.mean(c[:, 0] / c[:, 1]):.4f}")
-            print(f"{name} | {seed} | {lam:.3g} | {cells[0]} | {cells[1]}", flush=True)
+            print(f"{label} | {seed} | {lam:.3g} | {cells[0]} | {cells[1]}", flush=True)
 
 
 if __name__ == "__main__":

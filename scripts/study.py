@@ -183,7 +183,9 @@ CONFIGS = {
         n_mc=6,
         max_new_tokens=6,
         calib_iters=1,
-        fit_options={name: {"steps": 2} for name in STEERERS if name.startswith("lineas")},
+        # A random 2-layer model: its lower regulators need a lower accuracy bar to make the removal preset's split.
+        fit_options={name: {"steps": 2} for name in STEERERS if name.startswith("lineas")}
+        | {"caa+dsas(removal)": {"acc_threshold": 0.5}},
         n_boot=300,
     ),
     # The concept tasks of `full` on SmolLM2 with the attention sink left out of every fit and running mean

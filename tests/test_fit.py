@@ -190,6 +190,36 @@ def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok,
         plain.with_scope("below").with_scope("below+prefix")
 
 
+def test_split_calibrates_the_pool_it_decides_with(model, tiny_tok, engine_sets):
+    """Under `split`, control_fpr places the one pooled decision, not each regulator: the running mean of the
+    readers' mean logit opens (> the floor) on that share of the control prompts' tokens (each prompt weighted
+    once; the removal preset's target prompts train the regulators but are not counted), as the gate reads
+    them at run time."""
+    import torch
+
+    from dsas.record import record
+
+    p = 0.3
+    cfg = dsas.DSASConfig.removal(control_fpr=p, acc_threshold=0.5)
+    st = dsas.fit(model, tiny_tok, engine_sets, progress=False, dsas=cfg)
+    readers = [n for n in st.steered if st.gates[n].mult == 0.0]
+    assert len(readers) >= 2  # a pool of several, which spreads less than any one regulator
+    sites = [s for s in st.sites if s.name in readers]
+    texts = engine_sets.control
+    acts = record(model, tiny_tok, texts, sites, pool="all", progress=False)
+    pool = sum(
+        torch.cat([t.double() @ st.gates[n].w.double() + st.gates[n].b for t in acts[n]]) for n in readers
+    ) / len(readers)
+    lens = [len(t) for t in acts[readers[0]]]
+    means = torch.cat(
+        [c.cumsum(0) / torch.arange(1, len(c) + 1) for c in pool.split(lens)]
+    )  # what the latched gate reads at each token
+    w = torch.cat([torch.full((n,), 1 / n) for n in lens])
+    opened = float(((means > 0).double() * w).sum() / w.sum())  # floor 0.5: open when the logit is > 0
+    # Within one token's weight of p (each regulator placed at p alone, their pool opens on fewer).
+    assert abs(opened - p) <= max(1 / n for n in lens) / len(texts)
+
+
 def test_skip_tokens_fits_without_the_first_tokens_and_gates_read_it(model, tiny_tok, engine_sets, tmp_path):
     """CAA's shift is the mean difference of token-means that leave the first token (the attention sink) out; the
     gates and the saved artifact carry the same skip for the running means they read at run time."""

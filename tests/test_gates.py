@@ -162,8 +162,9 @@ def test_auto_scope_pools_for_text_and_stays_per_token_for_images_or_kept_sites(
 
 def test_the_removal_preset_is_the_documented_option_set():
     cfg = DSASConfig.removal(control_fpr=0.1)
-    assert (cfg.scope, cfg.floor, cfg.control_fpr, cfg.calibrate_on, cfg.negatives) == (
+    assert (cfg.scope, cfg.split, cfg.floor, cfg.control_fpr, cfg.calibrate_on, cfg.negatives) == (
         "below+prefix",
+        0.5,
         0.5,
         0.1,
         "tokens",

@@ -366,11 +366,11 @@ def pooled_steerer(arch_model, tiny_tok, engine_sets):
     return dataclasses.replace(st, gates=gates)
 
 
-def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0):
+def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0, floor=0.0):
     """The definition, written out with plain forward hooks: at each steered site in forward order, add its
     regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h);
     `latched` (scope "below+prefix"): the pool mean's running mean over the real tokens so far, leaving out the
-    first `skip` of them (0 until one is kept)."""
+    first `skip` of them (0 until one is kept); `floor`: the sigmoid floored, max(0, (g - f) / (1 - f))."""
     real = enc["attention_mask"].double()
     seen = torch.cumsum(real, 1)
     kept = real * (seen > skip)
@@ -387,7 +387,7 @@ def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0):
             s = torch.stack(pool).mean(0)
             if latched:
                 s = torch.cumsum(s * kept, 1) / (seen - skip).clamp_min(1)
-            gate = torch.sigmoid(s)
+            gate = ((torch.sigmoid(s) - floor) / (1 - floor)).clamp_min(0)
             delta = m.shift.double() + (0 if m.scale is None else m.scale.double() * h)
             y = h + lam * g.mult * gate[..., None] * delta
             return replace_output(out, y.to(output_tensor(out).dtype))
@@ -590,6 +590,30 @@ def test_split_gate_reads_only_unsteered_sites_and_keeps_every_invariant(
     assert [back.gates[s].mult for s in back.steered] == [st.gates[s].mult for s in st.steered]
     with torch.no_grad(), back.apply(arch_model, strength=8.0):
         assert torch.equal(arch_model(**enc).logits, out)
+
+
+def test_removal_preset_is_a_latched_hard_split_gate_that_keeps_every_invariant(
+    arch_model, left_tok, tiny_tok, engine_sets, tmp_path
+):
+    """DSASConfig.removal(): the lower half's regulators, read on their unsteered sites' running means, decide
+    one floored gate for every site of the upper half. The output is that definition written out, and the
+    invariants (cached = uncached, rows = batch, strength 0 exact, save -> load) hold."""
+    cfg = dsas.DSASConfig.removal(acc_threshold=0.5, control_fpr=0.3)
+    st = dsas.fit(arch_model, tiny_tok, engine_sets, progress=False, dsas=cfg)
+    names = st.site_names
+    k = round(0.5 * len(names))
+    readers = [s for s in st.steered if names.index(s) < k]
+    assert readers and st.steered[len(readers) :] == names[k:]
+    assert all(st.gates[s].mult == 0.0 and st.gates[s].scope == "below+prefix" for s in readers)
+    assert all(st.gates[s].kind == "pooled" and st.gates[s].floor == 0.5 for s in names[k:])
+    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    ref = _pooled_reference(arch_model, st, enc, 6.0, latched=True, floor=0.5)
+    with torch.no_grad(), st.apply(arch_model, 6.0, trace=True) as tr:
+        out = arch_model(**enc).logits
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    assert (tr.scales[names[-1]][real] == 0).any()  # the floor shuts it exactly somewhere
+    _keeps_invariants_and_survives_save(arch_model, left_tok, st, tmp_path)
 
 
 def test_split_refuses_what_it_cannot_do(llama, tiny_tok, engine_sets):

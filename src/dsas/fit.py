@@ -22,12 +22,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
 from dsas.condition import Condition, ThresholdConfig, fit_condition
 from dsas.data import PromptSets
-from dsas.gates import POOLED_SCOPES, RUNNING_MEAN_SCOPES, DSASConfig, SiteGate, fit_regulator, resolve_scope
+from dsas.gates import (
+    POOLED_SCOPES,
+    RUNNING_MEAN_SCOPES,
+    DSASConfig,
+    SiteGate,
+    fit_regulator,
+    resolve_scope,
+    upper_quantile,
+)
 from dsas.maps import ITIConfig, LinearActConfig, SiteMap, fit_caa, fit_iti, fit_linear_act
 from dsas.options import check_fields
 from dsas.record import record
@@ -379,15 +388,33 @@ def _gate_dsas(ctx: FitContext) -> Gates:
             if not stats[s.name]["active"]:
                 gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor)
         if cfg.split is not None:
-            gates, steered = _split(ctx, cfg, gates, stats)
+            gates, steered = _split(ctx, cfg, gates, stats, _control_examples(ctx, cfg, pool))
     return Gates(gates, steered, stats)
 
 
+def _control_examples(ctx: FitContext, cfg: DSASConfig, pool: str) -> dict[str, Any]:
+    """Per site, the control prompts as `control_fpr` counts them for a split's pool: token-means, or (with
+    calibrate_on="tokens") every token, read as the gate reads it (the running mean so far when latched). The
+    control set alone: it stands for the text to leave alone, where the target prompts of a removal fit are
+    rewrites of the source (polite insults) that the pool need not be shut on."""
+    if cfg.calibrate_on == "tokens" and pool == "mean":
+        tok = ctx.acts("control", "all")
+        if cfg.scope in RUNNING_MEAN_SCOPES:
+            return {k: [_running_mean(t) for t in v] for k, v in tok.items()}
+        return dict(tok)
+    return ctx.acts("control", pool)
+
+
 def _split(
-    ctx: FitContext, cfg: DSASConfig, gates: dict[str, SiteGate], stats: dict[str, Any]
+    ctx: FitContext,
+    cfg: DSASConfig,
+    gates: dict[str, SiteGate],
+    stats: dict[str, Any],
+    negatives: dict[str, Any],
 ) -> tuple[dict[str, SiteGate], list[str]]:
     """DSASConfig.split: the accurate regulators under the split only add their logit to the pool (mult 0:
-    their site is left as it is); every site above reads the pool and is steered."""
+    their site is left as it is); every site above reads the pool and is steered. With `control_fpr`, the pool
+    is calibrated as a whole on `negatives` (`_control_examples`)."""
     split = cfg.split
     assert split is not None
     k = round(split * len(ctx.sites))
@@ -399,9 +426,38 @@ def _split(
             "lower split, or fit on more prompts (the per-site accuracies are in the steerer's stats)."
         )
     out = {n: dataclasses.replace(gates[n], mult=0.0) for n in readers}
+    if cfg.control_fpr is not None:
+        out = _calibrate_pool(out, negatives, cfg)
     out |= {s.name: SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor) for s in ctx.sites[k:]}
     steered = [s.name for s in ctx.sites if s.name in out]
     return {**gates, **out}, steered
+
+
+def _calibrate_pool(
+    readers: dict[str, SiteGate], negatives: dict[str, Any], cfg: DSASConfig
+) -> dict[str, SiteGate]:
+    """Shift every reader's bias by one amount so that the pool they make -- the one decision every steered
+    site reads under `split` -- opens on `control_fpr` of the control examples, read as the gate reads them.
+
+    Each regulator was calibrated alone; the mean of several logits spreads less than any one of them, so
+    without this the pool opens on far fewer examples than `control_fpr` says (and on far fewer of the inputs
+    to steer). Examples are the negatives' token-means, or their tokens (running means for a latched gate)
+    weighted 1/K per prompt, as `fit_regulator` counts them."""
+    assert cfg.control_fpr is not None
+    logits: list[np.ndarray] = []
+    weights: np.ndarray | None = None
+    for name, g in readers.items():
+        assert g.w is not None
+        x = negatives[name]
+        if isinstance(x, list):  # per-prompt token rows, each prompt counted once
+            weights = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in x])
+            x = torch.cat(x)
+        logits.append(x.double().numpy() @ g.w.double().numpy() + float(g.b))
+    pool = np.mean(logits, axis=0)
+    zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
+    # The target is where each regulator's own calibration put the quantile: the opening point, less the offset.
+    delta = upper_quantile(pool, weights, cfg.control_fpr) - (zero - cfg.offset) / cfg.temperature
+    return {n: dataclasses.replace(g, b=float(g.b) - delta) for n, g in readers.items()}
 
 
 def _e2e_init(ctx: FitContext, kind: str) -> dict[str, tuple[torch.Tensor, float]]:

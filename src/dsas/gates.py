@@ -145,21 +145,28 @@ class DSASConfig:
     """Gate values under this are exactly 0: g = max(0, (sigmoid - floor) / (1 - floor)), so a fully open gate
     is still 1 but a barely open one leaves the activation bit for bit as it was. 0 is the paper's sigmoid."""
     split: float | None = None
-    """Scope "below" only: the regulators of the lowest `split` fraction of the sites decide the gate, and only
-    the sites above them are steered, all with that one pooled gate per token. Nothing the gate reads has been
-    steered (no site under the split is, in this token or any earlier one), so steering cannot close its own
-    gate: the "read on the unsteered stream" without a second pass. None: every site from the first accurate
-    regulator up is steered and reads the regulators at or below it."""
+    """Pooled scopes ("below", "below+prefix"): the regulators of the lowest `split` fraction of the sites decide
+    the gate, and only the sites above them are steered, all with that one pooled gate per token. Nothing the
+    gate reads has been steered (no site under the split is, in this token or any earlier one), so steering
+    cannot close its own gate: the "read on the unsteered stream" without a second pass. With `control_fpr`,
+    that one decision is calibrated (each regulator's bias moved by the same amount) on the control prompts
+    alone, not each regulator: the mean of several logits spreads less than one, so per-regulator offsets
+    would open the pool on far fewer examples than asked, and with `negatives="control+target"` the target
+    prompts train the regulators but are not counted (a removal set's targets are the source made polite). None: every site from the first accurate regulator up is steered and reads
+    the regulators at or below it."""
 
     @classmethod
     def removal(cls, **overrides: Any) -> DSASConfig:
-        """Gates for removing a behaviour (detoxification) that leave neutral text untouched: latched pooled
-        gates, exactly 0 wherever the running mean of a prompt reads like all but 5% of the control and target
-        prompts' running means, fitted against control and target (docs/concepts.md, "Hard gates"). Text only;
-        not for concept induction. Eager generation (the running mean); `Steerer.with_scope("below")` serves
-        the same regulators per token (vLLM, torch.compile)."""
+        """Gates for removing a behaviour (detoxification) that leave neutral text untouched: the regulators of
+        the lower half of the sites, fitted against control and target and read on the running means of their
+        own (never steered) sites, make one pooled decision for every site of the upper half; it is exactly 0
+        wherever the pool reads like all but 5% of the control prompts' running means
+        (docs/concepts.md, "Split removal gates"). A caught prompt is steered at every upper site, and steering
+        cannot close its own gate. Text only; not for concept induction. Eager generation (the running mean);
+        `Steerer.with_scope("below")` serves the same regulators per token (vLLM, torch.compile)."""
         base: dict[str, Any] = dict(
             scope="below+prefix",
+            split=0.5,
             floor=0.5,
             control_fpr=0.05,
             calibrate_on="tokens",
@@ -271,7 +278,7 @@ def regulator_accuracy(
     return hits / weights
 
 
-def _upper_quantile(s: np.ndarray, w: np.ndarray | None, frac: float) -> float:
+def upper_quantile(s: np.ndarray, w: np.ndarray | None, frac: float) -> float:
     """The score that a weighted fraction `frac` of the scores `s` lie above."""
     order = np.argsort(s)
     ws = np.ones(len(s)) if w is None else w[order]
@@ -329,7 +336,7 @@ def fit_regulator(
             Xc, wc = _per_prompt_tokens(control_tokens)
         # The quantile lands where the gate opens: g = 0.5 (no floor) or g = 0 (the floor).
         zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
-        b -= _upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - zero
+        b -= upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - zero
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
     active = acc >= cfg.acc_threshold
     mult = 1.0
