@@ -606,13 +606,16 @@ def test_removal_preset_is_a_latched_hard_split_gate_that_keeps_every_invariant(
     assert readers and st.steered[len(readers) :] == names[k:]
     assert all(st.gates[s].mult == 0.0 and st.gates[s].scope == "below+prefix" for s in readers)
     assert all(st.gates[s].kind == "pooled" and st.gates[s].floor == 0.5 for s in names[k:])
-    enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
-    real = enc["attention_mask"].bool()
-    ref = _pooled_reference(arch_model, st, enc, 6.0, latched=True, floor=0.5)
-    with torch.no_grad(), st.apply(arch_model, 6.0, trace=True) as tr:
-        out = arch_model(**enc).logits
-    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
-    assert (tr.scales[names[-1]][real] == 0).any()  # the floor shuts it exactly somewhere
+    # On control prompts, where the pool was calibrated to open on only 30% of the running means, the floor
+    # shuts the gate exactly on most tokens.
+    for texts in (PROMPTS, engine_sets.control[:8]):
+        enc = left_tok(texts, return_tensors="pt", padding=True)
+        real = enc["attention_mask"].bool()
+        ref = _pooled_reference(arch_model, st, enc, 6.0, latched=True, floor=0.5)
+        with torch.no_grad(), st.apply(arch_model, 6.0, trace=True) as tr:
+            out = arch_model(**enc).logits
+        torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    assert (tr.scales[names[-1]][real] == 0).float().mean() > 0.5
     _keeps_invariants_and_survives_save(arch_model, left_tok, st, tmp_path)
 
 
