@@ -73,7 +73,7 @@ import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
 from dsas.fit import fit_config_dict, route_options
-from dsas.gates import DSASConfig
+from dsas.gates import DSASConfig, changed_fields
 from dsas.models import ModelUnavailableError
 from dsas.sweep import (
     BASELINE,
@@ -101,9 +101,7 @@ STEERERS: dict[str, tuple[str, str]] = {
 }
 STEERER_OPTIONS: dict[str, dict[str, Any]] = {
     # DSASConfig.removal(): hard, calibrated pooled gates that leave neutral text untouched (docs/concepts.md).
-    "caa+dsas(removal)": {
-        k: v for k, v in asdict(DSASConfig.removal()).items() if v != getattr(DSASConfig(), k)
-    },
+    "caa+dsas(removal)": changed_fields(DSASConfig.removal()),
 }
 """Fit options that make a steerer what its name says (under the config's `fit_options`)."""
 PAIRS = (("caa", "caa+dsas"), ("iti", "iti+dsas"), ("lineas", "lineas+dsas"))

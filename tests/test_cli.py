@@ -244,3 +244,49 @@ def test_fit_runs_with_a_tiny_model(tmp_path, monkeypatch, tiny_tok, engine_sets
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert dsas.Steerer.load(tmp_path / "s").config["options"]["dsas"]["pca_dim"] == 3
+
+
+def test_fit_removal_preset_from_the_command_line(tmp_path, monkeypatch, tiny_tok, engine_sets):
+    """`--removal` fits DSASConfig.removal()'s gates; `--option` goes on top; another gate is refused."""
+    import csv
+
+    from conftest import make_tiny_model
+
+    import dsas
+
+    sets = tmp_path / "sets.csv"
+    with sets.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["split", "text"],
+                *[[k, t] for k in ("source", "target", "control") for t in getattr(engine_sets, k)],
+            ]
+        )
+    monkeypatch.setattr(dsas, "load_model", lambda name: (make_tiny_model("llama", len(tiny_tok)), tiny_tok))
+    args = [
+        "fit",
+        "--out",
+        str(tmp_path / "s"),
+        "--sets",
+        str(sets),
+        "--removal",
+        "--option",
+        "acc_threshold=0.5",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    got = dsas.Steerer.load(tmp_path / "s").config["options"]["dsas"]
+    want = dsas.DSASConfig.removal(acc_threshold=0.5)
+    assert {
+        k: got[k] for k in ("split", "floor", "control_fpr", "calibrate_on", "negatives", "acc_threshold")
+    } == {
+        "split": want.split,
+        "floor": want.floor,
+        "control_fpr": want.control_fpr,
+        "calibrate_on": want.calibrate_on,
+        "negatives": want.negatives,
+        "acc_threshold": 0.5,
+    }
+    _no_model(monkeypatch)
+    res = CliRunner().invoke(app, ["fit", "--out", str(tmp_path / "t"), "--removal", "--gate", "none"])
+    _fails_cleanly(res, "--removal sets DSAS gates", "--gate dsas")

@@ -152,11 +152,25 @@ def fit_cmd(
         list[str] | None,
         typer.Option("--option", help="Extra option as key=value (e.g. pca_dim=5); repeatable."),
     ] = None,
+    removal: Annotated[
+        bool,
+        typer.Option(
+            "--removal",
+            help="DSAS gates for removing a behaviour (detoxification) that leave neutral text untouched: the "
+            "options of DSASConfig.removal(), with any --option on top.",
+        ),
+    ] = False,
 ) -> None:
     """Fit a steerer on prompt sets and save it (dsas_config.json + dsas_steerer.safetensors)."""
     import dsas
 
     opts = parse_options(option or [])
+    if removal:
+        if gate != "dsas":
+            raise CLIError(f"--removal sets DSAS gates; use it with --gate dsas (the default), not {gate!r}.")
+        from dsas.gates import DSASConfig, changed_fields
+
+        opts = changed_fields(DSASConfig.removal()) | opts
     _check_method_gate(method, gate, "--method/--gate", options=option or [], opts={"seed": seed, **opts})
     _check_sites(sites)
     _check_positive(n, "--n")

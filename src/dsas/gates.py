@@ -18,7 +18,7 @@ signal (g would hover near 0.5 everywhere) and are switched off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -198,6 +198,13 @@ class DSASConfig:
             raise ValueError(
                 "DSASConfig.control_fpr must lie in (0, 1) (or None for the regression's midpoint)."
             )
+
+
+def changed_fields(cfg: DSASConfig) -> dict[str, Any]:
+    """The fields in which `cfg` differs from the default config: a preset as fit options
+    (`dsas.fit(..., **changed_fields(DSASConfig.removal()))`, `dsas fit --removal`)."""
+    base = DSASConfig()
+    return {k: v for k, v in asdict(cfg).items() if v != getattr(base, k)}
 
 
 def resolve_scope(cfg: DSASConfig, text: bool) -> DSASConfig:
