@@ -224,12 +224,9 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     assert res.exit_code != 0 and isinstance(res.exception, ValueError)
 
 
-def test_fit_runs_with_a_tiny_model(tmp_path, monkeypatch, tiny_tok, engine_sets):
+def _sets_csv(tmp_path, engine_sets):
+    """The fitting sets as a CSV file of split,text rows, as a user would pass with --sets."""
     import csv
-
-    from conftest import make_tiny_model
-
-    import dsas
 
     sets = tmp_path / "sets.csv"
     with sets.open("w", newline="") as f:
@@ -239,6 +236,15 @@ def test_fit_runs_with_a_tiny_model(tmp_path, monkeypatch, tiny_tok, engine_sets
                 *[[k, t] for k in ("source", "target", "control") for t in getattr(engine_sets, k)],
             ]
         )
+    return sets
+
+
+def test_fit_runs_with_a_tiny_model(tmp_path, monkeypatch, tiny_tok, engine_sets):
+    from conftest import make_tiny_model
+
+    import dsas
+
+    sets = _sets_csv(tmp_path, engine_sets)
     monkeypatch.setattr(dsas, "load_model", lambda name: (make_tiny_model("gpt2", len(tiny_tok)), tiny_tok))
     args = ["fit", "--out", str(tmp_path / "s"), "--sets", str(sets), "--n", "8", "--option", "pca_dim=3"]
     res = CliRunner().invoke(app, args)
@@ -248,20 +254,11 @@ def test_fit_runs_with_a_tiny_model(tmp_path, monkeypatch, tiny_tok, engine_sets
 
 def test_fit_removal_preset_from_the_command_line(tmp_path, monkeypatch, tiny_tok, engine_sets):
     """`--removal` fits DSASConfig.removal()'s gates; `--option` goes on top; another gate is refused."""
-    import csv
-
     from conftest import make_tiny_model
 
     import dsas
 
-    sets = tmp_path / "sets.csv"
-    with sets.open("w", newline="") as f:
-        csv.writer(f).writerows(
-            [
-                ["split", "text"],
-                *[[k, t] for k in ("source", "target", "control") for t in getattr(engine_sets, k)],
-            ]
-        )
+    sets = _sets_csv(tmp_path, engine_sets)
     monkeypatch.setattr(dsas, "load_model", lambda name: (make_tiny_model("llama", len(tiny_tok)), tiny_tok))
     args = [
         "fit",

@@ -34,6 +34,8 @@ from dsas.gates import (
     DSASConfig,
     SiteGate,
     fit_regulator,
+    opening_logit,
+    per_prompt_tokens,
     resolve_scope,
     upper_quantile,
 )
@@ -369,9 +371,7 @@ def _gate_dsas(ctx: FitContext) -> Gates:
     src, ctl = ctx.acts("source", pool), _joined([ctx.acts(k, pool) for k in negatives])
     tok = None
     if cfg.control_fpr is not None and cfg.calibrate_on == "tokens" and pool == "mean":
-        tok = _joined([ctx.acts(k, "all") for k in negatives])
-        if cfg.scope in RUNNING_MEAN_SCOPES:  # what a latched gate reads at each token: the mean so far
-            tok = {k: [_running_mean(t) for t in v] for k, v in tok.items()}
+        tok = _read_tokens(ctx, cfg, negatives)
     gates, steered, stats = {}, [], {}
     for s in ctx.sites:
         r = fit_regulator(src[s.name], ctl[s.name], cfg, ctx.fit.seed, None if tok is None else tok[s.name])
@@ -392,16 +392,22 @@ def _gate_dsas(ctx: FitContext) -> Gates:
     return Gates(gates, steered, stats)
 
 
+def _read_tokens(ctx: FitContext, cfg: DSASConfig, splits: list[str]) -> dict[str, Any]:
+    """Per site, the splits' prompts as lists of token rows, each as the gate reads it at run time: alone, or
+    the running mean of the prompt so far for a latched (running-mean) scope."""
+    tok = _joined([ctx.acts(k, "all") for k in splits])
+    if cfg.scope in RUNNING_MEAN_SCOPES:
+        tok = {k: [_running_mean(t) for t in v] for k, v in tok.items()}
+    return tok
+
+
 def _control_examples(ctx: FitContext, cfg: DSASConfig, pool: str) -> dict[str, Any]:
     """Per site, the control prompts as `control_fpr` counts them for a split's pool: token-means, or (with
-    calibrate_on="tokens") every token, read as the gate reads it (the running mean so far when latched). The
-    control set alone: it stands for the text to leave alone, where the target prompts of a removal fit are
-    rewrites of the source (polite insults) that the pool need not be shut on."""
+    calibrate_on="tokens") every token, read as the gate reads it. The control set alone: it stands for the
+    text to leave alone, where the target prompts of a removal fit are rewrites of the source (polite insults)
+    that the pool need not be shut on."""
     if cfg.calibrate_on == "tokens" and pool == "mean":
-        tok = ctx.acts("control", "all")
-        if cfg.scope in RUNNING_MEAN_SCOPES:
-            return {k: [_running_mean(t) for t in v] for k, v in tok.items()}
-        return dict(tok)
+        return _read_tokens(ctx, cfg, ["control"])
     return ctx.acts("control", pool)
 
 
@@ -450,13 +456,14 @@ def _calibrate_pool(
         assert g.w is not None
         x = negatives[name]
         if isinstance(x, list):  # per-prompt token rows, each prompt counted once
-            weights = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in x])
-            x = torch.cat(x)
-        logits.append(x.double().numpy() @ g.w.double().numpy() + float(g.b))
+            X, weights = per_prompt_tokens(x)
+        else:
+            X = x.double().numpy()
+        logits.append(X @ g.w.double().numpy() + float(g.b))
     pool = np.mean(logits, axis=0)
-    zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
-    # The target is where each regulator's own calibration put the quantile: the opening point, less the offset.
-    delta = upper_quantile(pool, weights, cfg.control_fpr) - (zero - cfg.offset) / cfg.temperature
+    # Where each regulator's own calibration put the quantile: the opening point, then offset and temperature.
+    target = (opening_logit(cfg) - cfg.offset) / cfg.temperature
+    delta = upper_quantile(pool, weights, cfg.control_fpr) - target
     return {n: dataclasses.replace(g, b=float(g.b) - delta) for n, g in readers.items()}
 
 

@@ -152,8 +152,9 @@ class DSASConfig:
     that one decision is calibrated (each regulator's bias moved by the same amount) on the control prompts
     alone, not each regulator: the mean of several logits spreads less than one, so per-regulator offsets
     would open the pool on far fewer examples than asked, and with `negatives="control+target"` the target
-    prompts train the regulators but are not counted (a removal set's targets are the source made polite). None: every site from the first accurate regulator up is steered and reads
-    the regulators at or below it."""
+    prompts train the regulators but are not counted (a removal set's targets are the source made polite).
+    None: every site from the first accurate regulator up is steered and reads the regulators at or below
+    it."""
 
     @classmethod
     def removal(cls, **overrides: Any) -> DSASConfig:
@@ -293,7 +294,13 @@ def upper_quantile(s: np.ndarray, w: np.ndarray | None, frac: float) -> float:
     return float(s[order][np.searchsorted(cum, 1 - frac)])
 
 
-def _per_prompt_tokens(prompts: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def opening_logit(cfg: DSASConfig) -> float:
+    """The logit at which the gate opens, where `control_fpr` puts its quantile: g = 0.5 (no floor) or g = 0
+    (the floor), before `offset` and `temperature`."""
+    return float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
+
+
+def per_prompt_tokens(prompts: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Every prompt's tokens [K_i, d] stacked (float64), each weighted 1 / K_i so every prompt counts once."""
     w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in prompts])
     return torch.cat(prompts).double().numpy(), w
@@ -323,7 +330,7 @@ def fit_regulator(
     groups = w = None
     if isinstance(source, list) or isinstance(control, list):
         src, ctl = list(source), list(control)
-        X, w = _per_prompt_tokens(src + ctl)
+        X, w = per_prompt_tokens(src + ctl)
         y = np.concatenate([np.ones(sum(len(t) for t in src)), np.zeros(sum(len(t) for t in ctl))])
         groups = np.concatenate([np.full(len(t), i) for i, t in enumerate(src + ctl)])
     else:
@@ -340,10 +347,8 @@ def fit_regulator(
         if cfg.calibrate_on == "tokens" and w is None:
             if control_tokens is None:
                 raise ValueError("calibrate_on='tokens' needs the control prompts' token activations.")
-            Xc, wc = _per_prompt_tokens(control_tokens)
-        # The quantile lands where the gate opens: g = 0.5 (no floor) or g = 0 (the floor).
-        zero = float(np.log(cfg.floor / (1 - cfg.floor))) if cfg.floor else 0.0
-        b -= upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - zero
+            Xc, wc = per_prompt_tokens(control_tokens)
+        b -= upper_quantile(Xc @ wv + b, wc, cfg.control_fpr) - opening_logit(cfg)
     wv, b = wv / cfg.temperature, (b - cfg.offset) / cfg.temperature
     active = acc >= cfg.acc_threshold
     mult = 1.0
