@@ -388,7 +388,7 @@ def _gate_dsas(ctx: FitContext) -> Gates:
             if not stats[s.name]["active"]:
                 gates[s.name] = SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor)
         if cfg.split is not None:
-            gates, steered = _split(ctx, cfg, gates, stats, _control_examples(ctx, cfg, pool))
+            gates, steered = _split(ctx, cfg, gates, stats, pool)
     return Gates(gates, steered, stats)
 
 
@@ -416,11 +416,11 @@ def _split(
     cfg: DSASConfig,
     gates: dict[str, SiteGate],
     stats: dict[str, Any],
-    negatives: dict[str, Any],
+    pool: str,
 ) -> tuple[dict[str, SiteGate], list[str]]:
     """DSASConfig.split: the accurate regulators under the split only add their logit to the pool (mult 0:
     their site is left as it is); every site above reads the pool and is steered. With `control_fpr`, the pool
-    is calibrated as a whole on `negatives` (`_control_examples`)."""
+    is calibrated as a whole on the control examples (`_control_examples`, read as `pool` features)."""
     split = cfg.split
     assert split is not None
     k = round(split * len(ctx.sites))
@@ -433,7 +433,7 @@ def _split(
         )
     out = {n: dataclasses.replace(gates[n], mult=0.0) for n in readers}
     if cfg.control_fpr is not None:
-        out = _calibrate_pool(out, negatives, cfg)
+        out = _calibrate_pool(out, _control_examples(ctx, cfg, pool), cfg)
     out |= {s.name: SiteGate("pooled", None, 0.0, 1.0, cfg.scope, cfg.floor) for s in ctx.sites[k:]}
     steered = [s.name for s in ctx.sites if s.name in out]
     return {**gates, **out}, steered
