@@ -18,7 +18,8 @@ How long: docs/study.md's "Progress and cost" section lists each finished task's
 2-core CPU, the first SmolLM2 toxicity task (the unsteered point, two calibrations and two points of CAA) took
 36 min with other jobs beside it for most of the run; 84 tasks on two models are days of such a machine, so the
 run takes `--hours H` and resumes: tasks run in priority order (the toxicity claims' steerers on both models at
-each seed first) and a stopped run writes a partial report listing what is not run yet.
+each seed first) and a stopped run writes a partial report listing what is not run yet. `--steerers caa,...`
+starts only those steerers' tasks in a run (the report still reads back every finished one).
 
     .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
     .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
@@ -72,7 +73,7 @@ from tqdm.auto import tqdm
 import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
 from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
-from dsas.fit import fit_config_dict, route_options
+from dsas.fit import fit_config_dict, resolve_fit_config, route_options
 from dsas.gates import DSASConfig, changed_fields
 from dsas.models import ModelUnavailableError
 from dsas.sweep import (
@@ -285,12 +286,14 @@ def fit_options(name: str, cfg: StudyConfig) -> dict[str, Any]:
     return {**STEERER_OPTIONS.get(name, {}), **cfg.fit_options.get(name, {})}
 
 
-def fit_digest(sig: str, sets: dsas.PromptSets, name: str, seed: int, cfg: StudyConfig) -> str:
+def fit_digest(sig: str, tok: Any, sets: dsas.PromptSets, name: str, seed: int, cfg: StudyConfig) -> str:
     """The key of a fit: the model, the fitting prompts, the method and gate and every config the fit resolves
-    to, defaults included (a fit saved before a default changed is not reused), and the seed."""
+    to, defaults included (a fit saved before a default changed is not reused; "auto" fields as resolved for
+    this tokenizer, so a new "auto" default that resolves to the old value keeps the key), and the seed."""
     method, gate = STEERERS[name]
     options = fit_options(name, cfg)
     fcfg, opts = route_options(method, gate, options)
+    fcfg = resolve_fit_config(fcfg, tok)
     spec = {
         "model": sig,
         "sets": [sets.source, sets.target, sets.control],
@@ -298,6 +301,8 @@ def fit_digest(sig: str, sets: dsas.PromptSets, name: str, seed: int, cfg: Study
         "gate": gate,
         "configs": {"fit": fit_config_dict(fcfg), **{k: asdict(v) for k, v in opts.items()}},
     }
+    if fcfg.skip:  # skipped tokens' gates are shut (they read a mean of 0 before): fits with a skip are new
+        spec["skipped_gates"] = "shut"
     return digest({**spec, "o": options, "s": seed})
 
 
@@ -320,7 +325,7 @@ def fitted(
         store.root
         / "steerers"
         / mname
-        / f"{sets.name}-s{seed}-{name}-{fit_digest(sig, sets, name, seed, cfg)}"
+        / f"{sets.name}-s{seed}-{name}-{fit_digest(sig, tok, sets, name, seed, cfg)}"
     )
     key = f"fit-warnings/{path.name}"
     if (path / "dsas_config.json").exists() and store.get(key) is not None:
@@ -666,7 +671,7 @@ def task_key(model: Any, tok: Any, task: Task, inp: TaskInputs, cfg: StudyConfig
     settings, model, tokenizer, `dsas.sweep.POINT_VERSION`), the concept word and `RESULT_VERSION`."""
     return digest({
         "version": RESULT_VERSION, "config": asdict(cfg), "task": asdict(task), "word": inp.word,
-        "fit": fit_digest(model_signature(model)["weights"], inp.sets, task.steerer, task.seed, cfg),
+        "fit": fit_digest(model_signature(model)["weights"], tok, inp.sets, task.steerer, task.seed, cfg),
         "eval": eval_hash(model, tok, inp.data, inp.ecfg),
     })  # fmt: skip
 
@@ -1220,6 +1225,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument(
         "--concepts-first", action="store_true", help="run the concept tasks before the toxicity ones"
     )
+    p.add_argument(
+        "--steerers", default=None,
+        help="comma list: start only these steerers' tasks this run (the others' finished tasks are still read "
+        "back; the report covers the whole configuration)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.models:
@@ -1244,6 +1254,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             p.error(
                 f"--first {args.first}: {sorted(unknown)} not among the configuration's models {cfg.models}"
             )
+    only = set(args.steerers.split(",")) if args.steerers else None
+    if only and only - set(cfg.steerers):
+        p.error(
+            f"--steerers {args.steerers}: {sorted(only - set(cfg.steerers))} not among {list(cfg.steerers)}"
+        )
     if args.first or args.concepts_first:
         tasks = put_first(tasks, args.first.split(",") if args.first else [], args.concepts_first)
     done: dict[Task, dict[str, Any]] = {}
@@ -1263,7 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 missing[task.model] = str(err)
                 continue
         # Past the budget, only finished tasks (in the ledger, or timed in the store) are read back.
-        got = run_task(loaded[1], loaded[2], task, cfg, store, ledger, start=time.perf_counter() <= deadline)
+        start = time.perf_counter() <= deadline and (only is None or task.steerer in only)
+        got = run_task(loaded[1], loaded[2], task, cfg, store, ledger, start=start)
         if got is None:
             skipped.append(task)
         else:

@@ -24,16 +24,18 @@ for _w in [*_TINY_WORDS, ".", ",", ":", "?", "!", "'", "-", "___", "user", "assi
     TINY_VOCAB.setdefault(_w, len(TINY_VOCAB))
 
 
-def make_tiny_tokenizer():
-    """Word-level tokenizer (whitespace + punctuation split, BOS prepended, `[PAD]` padding, chat template)."""
+def make_tiny_tokenizer(bos: bool = True):
+    """Word-level tokenizer (whitespace + punctuation split, BOS prepended unless `bos` is false, `[PAD]` padding,
+    chat template)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(TINY_VOCAB, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", TINY_VOCAB["<s>"])]
-    )
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", TINY_VOCAB["<s>"])]
+        )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
     )

@@ -59,7 +59,9 @@ def sets():
 
 @pytest.fixture(scope="module")
 def steerer(model, tiny_tok, sets):
-    return dsas.fit(model, tiny_tok, sets, method="caa", gate="threshold", progress=False)
+    # The token-mean over every token, BOS included (skip_tokens=0): the decision below is checked against
+    # `record`'s plain means. With the default "auto" the BOS is left out: test_skip_tokens_reaches_the_condition.
+    return dsas.fit(model, tiny_tok, sets, method="caa", gate="threshold", progress=False, skip_tokens=0)
 
 
 def test_condition_site_is_saved_resolved(steerer):
@@ -98,6 +100,20 @@ def test_decision_is_the_prompt_cosine_at_the_condition_site(steerer, model, tin
     got = tr.scales[steerer.site_names[-1]][:, 0]
     assert torch.equal(got, expect)
     assert expect.sum() >= 1 and expect.sum() < len(PROMPTS)  # the check discriminates
+
+
+def test_skip_tokens_reaches_the_condition(model, tiny_tok, sets):
+    """With the default skip_tokens="auto" the condition reads the token-mean without the BOS token, at fit and at
+    run time alike."""
+    st = dsas.fit(model, tiny_tok, sets, method="caa", gate="threshold", progress=False)
+    cond = st.condition
+    assert cond.skip == 1
+    means = record(model, tiny_tok, PROMPTS, [Site(cond.site)], progress=False, skip=1)[cond.site]
+    expect = (condition_scores(means, cond.direction) >= cond.threshold).float()
+    enc = tiny_tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), st.apply(model, strength=1.0, trace=True) as tr:
+        model(**enc)
+    assert torch.equal(tr.scales[st.site_names[-1]][:, -1], expect)
 
 
 def test_upstream_sites_wait_for_the_decision(steerer, model, left_tok):

@@ -165,8 +165,10 @@ def test_latched_gates_calibrate_on_the_running_means_they_read(model, tiny_tok,
     sites = [s for s in st.sites if st.gates[s.name].kind == "sigmoid"]
     assert sites
     acts = record(model, tiny_tok, engine_sets.control, sites, pool="all", progress=False)
+    k = st.config["fit"]["skip_tokens"]
+    assert k == 1  # the BOS token, left out by skip_tokens="auto": counted nowhere, read by no running mean
     for s in sites:
-        toks = acts[s.name]
+        toks = [t[k:] for t in acts[s.name]]
         means = torch.cat([t.cumsum(0) / torch.arange(1, len(t) + 1).unsqueeze(1) for t in toks])
         w = torch.cat([torch.full((len(t),), 1 / len(t)) for t in toks])
         on = float(((st.gates[s.name].value(means) > 0).float() * w).sum() / w.sum())
@@ -207,10 +209,11 @@ def test_split_calibrates_the_pool_it_decides_with(model, tiny_tok, engine_sets)
     sites = [s for s in st.sites if s.name in readers]
     texts = engine_sets.control
     acts = record(model, tiny_tok, texts, sites, pool="all", progress=False)
+    k = st.config["fit"]["skip_tokens"]  # the BOS token (skip_tokens="auto")
     pool = sum(
-        torch.cat([t.double() @ st.gates[n].w.double() + st.gates[n].b for t in acts[n]]) for n in readers
+        torch.cat([t[k:].double() @ st.gates[n].w.double() + st.gates[n].b for t in acts[n]]) for n in readers
     ) / len(readers)
-    lens = [len(t) for t in acts[readers[0]]]
+    lens = [len(t) - k for t in acts[readers[0]]]
     means = torch.cat(
         [c.cumsum(0) / torch.arange(1, len(c) + 1) for c in pool.split(lens)]
     )  # what the latched gate reads at each token
@@ -235,7 +238,7 @@ def test_skip_tokens_fits_without_the_first_tokens_and_gates_read_it(model, tiny
     for s in st.sites:
         mu = {k: torch.stack([t[1:].mean(0) for t in v[s.name]]).mean(0) for k, v in acts.items()}
         torch.testing.assert_close(st.maps[s.name].shift, mu["target"] - mu["source"], rtol=1e-4, atol=1e-5)
-    plain = dsas.fit(model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5)
+    plain = dsas.fit(model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, skip_tokens=0)
     assert not torch.allclose(plain.maps[st.sites[-1].name].shift, st.maps[st.sites[-1].name].shift)
     st.save(tmp_path / "s")
     back = dsas.Steerer.load(tmp_path / "s", model=model)
@@ -244,11 +247,44 @@ def test_skip_tokens_fits_without_the_first_tokens_and_gates_read_it(model, tiny
         dsas.fit(model, tiny_tok, engine_sets, progress=False, skip_tokens=-1)
 
 
+def test_skip_tokens_auto_leaves_out_the_bos_token_and_nothing_else(model, tiny_tok, engine_sets):
+    """The default `skip_tokens="auto"` skips the special tokens the tokenizer prepends: with a BOS token the fit
+    is the `skip_tokens=1` fit bit for bit and saves 1; without one it is the paper's token-mean (`skip_tokens=0`)
+    and saves the same config as before the option existed, so caches keyed by it stay valid."""
+    from conftest import make_tiny_tokenizer
+
+    from dsas.fit import FitConfig, prepended_specials, resolve_fit_config
+
+    plain_tok = make_tiny_tokenizer(bos=False)
+    assert prepended_specials(tiny_tok) == 1 and prepended_specials(plain_tok) == 0
+    assert resolve_fit_config(FitConfig(), None).skip_tokens == 0  # images
+    with pytest.raises(RuntimeError, match="unresolved"):
+        _ = FitConfig().skip
+    kw = dict(progress=False, acc_threshold=0.5)
+    for tok, k in ((tiny_tok, 1), (plain_tok, 0)):
+        auto, explicit = (
+            dsas.fit(model, tok, engine_sets, **kw),
+            dsas.fit(model, tok, engine_sets, skip_tokens=k, **kw),
+        )
+        assert auto.steered == explicit.steered
+        assert (
+            auto.config["fit"]
+            == explicit.config["fit"]
+            == {"batch_size": 16, "max_length": 128, "seed": 0} | ({"skip_tokens": 1} if k else {})
+        )
+        assert {auto.gates[n].skip for n in auto.steered} == {k}
+        for n in auto.steered:
+            assert torch.equal(auto.maps[n].shift, explicit.maps[n].shift)
+            assert (
+                torch.equal(auto.gates[n].w, explicit.gates[n].w) and auto.gates[n].b == explicit.gates[n].b
+            )
+
+
 def test_skip_tokens_reaches_lineas_training(model, tiny_tok, engine_sets):
     """LinEAS compares the steered source token-means with the target's: with `skip_tokens` both leave the first
     token out, so the start of training (identity maps) measures a different objective."""
     kw = dict(method="lineas", gate="none", progress=False, steps=3)
-    a = dsas.fit(model, tiny_tok, engine_sets, **kw)
+    a = dsas.fit(model, tiny_tok, engine_sets, skip_tokens=0, **kw)
     b = dsas.fit(model, tiny_tok, engine_sets, skip_tokens=1, **kw)
     assert b.config["fit"]["skip_tokens"] == 1
     assert a.config["training"]["objective_start"] != pytest.approx(b.config["training"]["objective_start"])

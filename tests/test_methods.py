@@ -67,9 +67,11 @@ def test_linear_act_incremental_fits_on_upstream_steered_activations(tiny_tok, e
     assert not torch.allclose(inc.maps[third.name].shift, flat.maps[third.name].shift)
     # Refit the third site by hand on activations recorded with the two sites before it steered.
     up = inc.sites[:2]
+    k = inc.config["fit"]["skip_tokens"]  # the BOS token (skip_tokens="auto")
+    assert k == 1
     with steering(model, up, inc.maps, {s.name: SiteGate() for s in up}, 1.0):
-        x = record(model, tiny_tok, engine_sets.source, [third], progress=False)[third.name]
-    tgt = record(model, tiny_tok, engine_sets.target, [third], progress=False)[third.name]
+        x = record(model, tiny_tok, engine_sets.source, [third], progress=False, skip=k)[third.name]
+    tgt = record(model, tiny_tok, engine_sets.target, [third], progress=False, skip=k)[third.name]
     ref = fit_linear_act(x, tgt)
     for k in ("shift", "scale", "lo", "hi"):
         torch.testing.assert_close(getattr(inc.maps[third.name], k), getattr(ref, k))
@@ -88,11 +90,12 @@ def test_incremental_maps_move_steered_source_means_onto_the_target(
     )
     flat = dsas.fit(model, tiny_tok, engine_sets, method=method, gate="none", progress=False, **kw)
     assert inc.config["options"][method]["incremental"] is True
-    tgt = record(model, tiny_tok, engine_sets.target, inc.sites, progress=False)
+    k = inc.config["fit"]["skip_tokens"]  # token-means without the BOS token (skip_tokens="auto")
+    tgt = record(model, tiny_tok, engine_sets.target, inc.sites, progress=False, skip=k)
     gaps = {}
     for name, st in (("inc", inc), ("flat", flat)):
         with st.apply(model, 1.0):
-            src = record(model, tiny_tok, engine_sets.source, st.sites, progress=False)
+            src = record(model, tiny_tok, engine_sets.source, st.sites, progress=False, skip=k)
         gaps[name] = [float((src[s.name].mean(0) - tgt[s.name].mean(0)).norm()) for s in st.sites]
     first = inc.site_names[0]
     assert torch.equal(inc.maps[first].shift, flat.maps[first].shift)  # nothing upstream of the first site

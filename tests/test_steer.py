@@ -298,9 +298,12 @@ def test_prefix_gate_reads_the_running_mean_of_the_logit(arch_model, left_tok, p
             h.remove()
         with st.apply(arch_model, 2.0, trace=True) as tr:
             arch_model(**enc)
+    assert g.skip == 1  # the tiny tokenizer prepends a BOS token: skip_tokens="auto" leaves it out
     s = acts["z"] @ g.w
-    mean = torch.cumsum(s * real, 1) / torch.cumsum(real, 1).clamp_min(1)
-    expect = 2.0 * g.mult * torch.sigmoid(mean + g.b)
+    seen = torch.cumsum(real, 1)
+    kept = real * (seen > g.skip)
+    mean = torch.cumsum(s * kept, 1) / (seen - g.skip).clamp_min(1)
+    expect = 2.0 * g.mult * torch.sigmoid((mean + g.b).masked_fill(seen <= g.skip, float("-inf")))
     torch.testing.assert_close(tr.scales[first][real.bool()], expect[real.bool()], rtol=1e-5, atol=1e-6)
 
 
@@ -370,7 +373,7 @@ def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0, floor=0.0
     """The definition, written out with plain forward hooks: at each steered site in forward order, add its
     regulator's logit (read on its own output) to the pool, then h + lam * mult * sigmoid(pool mean) * Δ(h);
     `latched` (scope "below+prefix"): the pool mean's running mean over the real tokens so far, leaving out the
-    first `skip` of them (0 until one is kept); `floor`: the sigmoid floored, max(0, (g - f) / (1 - f))."""
+    first `skip` of them (shut until one is kept); `floor`: the sigmoid floored, max(0, (g - f) / (1 - f))."""
     real = enc["attention_mask"].double()
     seen = torch.cumsum(real, 1)
     kept = real * (seen > skip)
@@ -387,6 +390,8 @@ def _pooled_reference(model, steerer, enc, lam, latched=False, skip=0, floor=0.0
             s = torch.stack(pool).mean(0)
             if latched:
                 s = torch.cumsum(s * kept, 1) / (seen - skip).clamp_min(1)
+                if skip:  # nothing kept yet: the gate is shut
+                    s = s.masked_fill(seen <= skip, float("-inf"))
             gate = ((torch.sigmoid(s) - floor) / (1 - floor)).clamp_min(0)
             delta = m.shift.double() + (0 if m.scale is None else m.scale.double() * h)
             y = h + lam * g.mult * gate[..., None] * delta
@@ -483,7 +488,7 @@ def latched_steerer(arch_model, tiny_tok, engine_sets):
     st = dsas.fit(arch_model, tiny_tok, engine_sets, progress=False, acc_threshold=0.5, scope="below+prefix")
     gates = dict(st.gates)
     for name in st.steered[1::2]:
-        gates[name] = SiteGate("pooled", None, 0.0, 1.0, "below+prefix")
+        gates[name] = SiteGate("pooled", None, 0.0, 1.0, "below+prefix", skip=gates[name].skip)
     return dataclasses.replace(st, gates=gates)
 
 
@@ -492,7 +497,9 @@ def test_latched_pooled_gate_reads_the_running_mean_of_the_pool(arch_model, left
     assert {st.gates[s].scope for s in st.steered} == {"below+prefix"}
     enc = left_tok(PROMPTS, return_tensors="pt", padding=True)
     real = enc["attention_mask"].bool()
-    ref = _pooled_reference(arch_model, st, enc, 3.0, latched=True)
+    skip = st.gates[st.steered[0]].skip
+    assert skip == 1  # the BOS token (skip_tokens="auto")
+    ref = _pooled_reference(arch_model, st, enc, 3.0, latched=True, skip=skip)
     with torch.no_grad(), st.apply(arch_model, 3.0):
         out = arch_model(**enc).logits
     torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
@@ -611,7 +618,9 @@ def test_removal_preset_is_a_latched_hard_split_gate_that_keeps_every_invariant(
     for texts in (PROMPTS, engine_sets.control[:8]):
         enc = left_tok(texts, return_tensors="pt", padding=True)
         real = enc["attention_mask"].bool()
-        ref = _pooled_reference(arch_model, st, enc, 6.0, latched=True, floor=0.5)
+        ref = _pooled_reference(
+            arch_model, st, enc, 6.0, latched=True, floor=0.5, skip=st.gates[names[-1]].skip
+        )
         with torch.no_grad(), st.apply(arch_model, 6.0, trace=True) as tr:
             out = arch_model(**enc).logits
         torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,13 +58,17 @@ class FitConfig:
     """Prompts are truncated to this many tokens."""
     seed: int = 0
     """Seeds everything random in fitting (CV folds, probe splits, initialisations, resampling)."""
-    skip_tokens: int = 0
+    skip_tokens: int | Literal["auto"] = "auto"
     """Leave the first k real tokens of every prompt out of what maps and gates are fitted on (token-means,
     token distributions, LinEAS's source means), and out of the running mean a latched gate (scope "prefix" /
-    "below+prefix") and the threshold gate read at run time. A prompt of k tokens or fewer keeps them all. The
-    first token of a sequence is the attention sink: on SmolLM2 its activations are ~15x any other token's, so it
-    dominates every token-mean, and a mean difference carries the difference of two sinks (docs/concepts.md,
-    "The attention sink"). 0 is the paper's token-mean; text only."""
+    "below+prefix") and the threshold gate read at run time. A prompt of k tokens or fewer keeps them all.
+    "auto" (default): the special tokens the tokenizer puts before every prompt, i.e. a BOS token (k = 1 on
+    Gemma and Llama; k = 0 on SmolLM2, GPT-2, Qwen2 and for images, which is the paper's token-mean bit for bit).
+    A BOS token's activations are the same in every prompt and the largest in it (the attention sink), so in a
+    token-mean it only adds a vector weighted by 1 / prompt length: a length signal to the regulators, noise to
+    a mean difference, and a point mass that a `control_fpr` counted on tokens calibrates onto
+    (docs/concepts.md, "The BOS token"). A positive k also drops a content token: the first word is SmolLM2's
+    sink (docs/concepts.md, "The attention sink"). The steerer saves the k it resolved to."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -72,8 +76,17 @@ class FitConfig:
             raise ValueError(
                 f"FitConfig.batch_size and max_length must be >= 1, got {self.batch_size} and {self.max_length}."
             )
-        if self.skip_tokens < 0:
-            raise ValueError(f"FitConfig.skip_tokens must be >= 0, got {self.skip_tokens}.")
+        if self.skip_tokens != "auto" and self.skip_tokens < 0:
+            raise ValueError(f"FitConfig.skip_tokens must be >= 0 or 'auto', got {self.skip_tokens}.")
+
+    @property
+    def skip(self) -> int:
+        """`skip_tokens` once `resolve_fit_config` has made it concrete (fit does so first thing)."""
+        if self.skip_tokens == "auto":
+            raise RuntimeError(
+                "FitConfig.skip_tokens='auto' is unresolved: call resolve_fit_config(cfg, tokenizer)."
+            )
+        return self.skip_tokens
 
 
 ADDED_FIT_FIELDS = {"skip_tokens": 0}
@@ -83,8 +96,28 @@ saved config and content hash (and every cached result keyed by it stays valid).
 
 
 def fit_config_dict(cfg: FitConfig) -> dict[str, Any]:
-    """`cfg` as saved in a steerer's config (`ADDED_FIT_FIELDS` only when set)."""
+    """`cfg` as saved in a steerer's config (`ADDED_FIT_FIELDS` only when set); resolve "auto" fields first
+    (`resolve_fit_config`)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if ADDED_FIT_FIELDS.get(k, object()) != v}
+
+
+def prepended_specials(tokenizer: Any) -> int:
+    """How many special tokens `tokenizer` puts before every text (its BOS token: 1 on Gemma and Llama, 0 on
+    SmolLM2, GPT-2 and Qwen2), counted on a one-word text as the recorder tokenizes it."""
+    ids = list(tokenizer("a")["input_ids"])
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    n = 0
+    while n < len(ids) - 1 and ids[n] in special:
+        n += 1
+    return n
+
+
+def resolve_fit_config(cfg: FitConfig, tokenizer: Any | None) -> FitConfig:
+    """`cfg` with `skip_tokens="auto"` made concrete for this tokenizer (None: images, 0), as `fit` saves it:
+    key caches of fits by the resolved config, so a default that resolves to the old value keeps their keys."""
+    if cfg.skip_tokens != "auto":
+        return cfg
+    return replace(cfg, skip_tokens=0 if tokenizer is None else prepended_specials(tokenizer))
 
 
 # ---- data: what fit records from ------------------------------------------------------------------------
@@ -154,7 +187,7 @@ class TextData:
             max_length=cfg.max_length,
             progress=progress,
             desc=f"recording {split}",
-            skip=cfg.skip_tokens,
+            skip=cfg.skip,
         )
 
 
@@ -328,7 +361,7 @@ def _lineas(ctx: FitContext) -> dict[str, SiteMap]:
         max_length=ctx.fit.max_length,
         chunk=ctx.fit.batch_size,
         progress=ctx.progress,
-        skip=ctx.fit.skip_tokens,
+        skip=ctx.fit.skip,
     )
     ctx.summary = res.summary()
     return res.maps
@@ -508,7 +541,7 @@ def _gate_e2e(kind: str) -> GateFn:
             chunk=ctx.fit.batch_size,
             progress=ctx.progress,
             desc=f"e2e-{kind}",
-            skip=ctx.fit.skip_tokens,
+            skip=ctx.fit.skip,
         )
         assert res.gates is not None
         ctx.summary = res.summary()
@@ -648,6 +681,7 @@ def fit(
         )
     fcfg, opts = route_options(method, gate, options)  # bad options fail before anything is loaded or run
     data = _as_data(tokenizer, sets)
+    fcfg = resolve_fit_config(fcfg, getattr(data, "tokenizer", None) if data.kind == "text" else None)
     for what, name, comp in (("method", method, m), ("gate", gate, g)):
         if comp.text_only and data.kind != "text":
             raise ValueError(
@@ -676,12 +710,10 @@ def fit(
     if res.maps is not None:
         maps = res.maps
     assert maps is not None
-    if fcfg.skip_tokens:  # what the latched gates and the threshold gate read at run time
-        res.gates = {
-            k: replace(v, skip=fcfg.skip_tokens) if v.kind != "const" else v for k, v in res.gates.items()
-        }
+    if fcfg.skip:  # what the latched gates and the threshold gate read at run time
+        res.gates = {k: replace(v, skip=fcfg.skip) if v.kind != "const" else v for k, v in res.gates.items()}
         if res.condition is not None:
-            res.condition = replace(res.condition, skip=fcfg.skip_tokens)
+            res.condition = replace(res.condition, skip=fcfg.skip)
     config: dict[str, Any] = {
         "method": method,
         "gate": gate,

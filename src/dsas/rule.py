@@ -121,12 +121,16 @@ def prefix_logit(
     """Running mean of the logits s [B, T] over the real tokens so far (`real` [B, T] in {0, 1}), continuing the
     sums and counts `carry` ([B], [B]) of earlier passes. Returns the means and the new carry. With `skip`, the
     first `skip` real tokens of the sequence are left out (the carry counts every real token, sums the kept
-    ones); the mean is 0 until a token is kept."""
+    ones), and until a token is kept the logit is -inf: the gate is shut on the skipped tokens, which nothing
+    was fitted on (a BOS token, the attention sink; steering it would move every later token of every prompt)."""
     cn = carry[1][:, None] + torch.cumsum(real, 1)
     if skip:
         real = real * (cn > skip)
     cs = carry[0][:, None] + torch.cumsum(s * real, 1)
-    return cs / (cn - skip).clamp_min(1), (cs[:, -1], cn[:, -1])
+    mean = cs / (cn - skip).clamp_min(1)
+    if skip:
+        mean = mean.masked_fill(cn <= skip, float("-inf"))
+    return mean, (cs[:, -1], cn[:, -1])
 
 
 def gate(
