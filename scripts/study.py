@@ -703,9 +703,10 @@ def put_first(tasks: list[Task], models: Sequence[str], concepts: bool = False) 
     )
 
 
-def seconds_key(task: Task, cfg: StudyConfig) -> str:
-    """The store key of a task's measured wall time, written once the task has finished."""
-    return f"seconds/{task.label()}/{digest(asdict(cfg))}"
+def seconds_key(task: Task, key: str) -> str:
+    """The store key of a task's measured wall time, written once the task has finished: keyed by the task's key
+    (`task_key`), so a task whose fit or evaluation changed is not taken for finished by an earlier run's time."""
+    return f"seconds/{task.label()}/{key}"
 
 
 def run_task(
@@ -720,7 +721,7 @@ def run_task(
     if got is not None:
         store.notes += got["notes"]
         return dict(got["result"])
-    sk = seconds_key(task, cfg)
+    sk = seconds_key(task, key)
     seconds = store.get(sk)
     if not start and seconds is None:
         return None
