@@ -21,13 +21,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from prompt_gate import top_gate  # scripts/ is on the path when a script runs
 from sklearn.metrics import roc_auc_score
 
 import dsas
 from dsas.gates import DSASConfig, changed_fields
-from dsas.torchutil import model_device
-
-EPS = 1e-6  # the traced scale is strength x g: at this strength the stream is unsteered and g = scale / EPS
 
 
 def main() -> None:
@@ -45,13 +43,9 @@ def main() -> None:
     st.gates = {
         k: replace(g, floor=0.0) for k, g in st.gates.items()
     }  # read the logit where the gate is shut
-    top = st.steered[-1]
 
     def logits(prompt: str) -> np.ndarray:
-        enc = tok(prompt, return_tensors="pt").to(model_device(model))
-        with torch.no_grad(), st.apply(model, EPS, trace=True) as tr:
-            model(**enc)
-        g = (tr.scales[top][0].double() / EPS).clamp(1e-12, 1 - 1e-12)
+        g = top_gate(model, tok, st, prompt).clamp(1e-12, 1 - 1e-12)
         return torch.log(g / (1 - g)).numpy()
 
     full = dsas.load_prompt_sets("toxicity")

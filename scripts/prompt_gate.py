@@ -32,14 +32,20 @@ from dsas.torchutil import model_device
 EPS = 1e-6  # a strength this small leaves the stream unsteered to float precision; the trace gives g = scale / EPS
 
 
+def top_gate(model: torch.nn.Module, tok: object, st: dsas.Steerer, text: str) -> torch.Tensor:
+    """g [T] (float64) of the top steered site at every token of `text`, read on the unsteered stream (the other
+    probe scripts, `prompt_end_gates.py` and `removal_recall.py`, read the gate through this too)."""
+    enc = tok(text, return_tensors="pt").to(model_device(model))  # type: ignore[operator]
+    with torch.no_grad(), st.apply(model, EPS, trace=True) as tr:
+        model(**enc)
+    return tr.scales[st.steered[-1]][0].double() / EPS
+
+
 def prompt_logits(model: torch.nn.Module, tok: object, st: dsas.Steerer, prompts: list[str]) -> np.ndarray:
     """The pooled gate logit of the top steered site at each prompt's last token, on the unsteered stream."""
-    top, out = st.steered[-1], []
+    out = []
     for p in prompts:
-        enc = tok(p, return_tensors="pt").to(model_device(model))  # type: ignore[operator]
-        with torch.no_grad(), st.apply(model, EPS, trace=True) as tr:
-            model(**enc)
-        g = min(max(float(tr.scales[top][0, -1]) / EPS, 1e-7), 1 - 1e-7)
+        g = min(max(float(top_gate(model, tok, st, p)[-1]), 1e-7), 1 - 1e-7)
         out.append(np.log(g / (1 - g)))
     return np.array(out)
 

@@ -20,13 +20,10 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import torch
+from prompt_gate import top_gate  # scripts/ is on the path when a script runs
 
 import dsas
 from dsas.sweep import steerer_hash
-from dsas.torchutil import model_device
-
-EPS = 1e-6  # the traced scale is strength x g: at this strength the stream is unsteered and g = scale / EPS
 
 
 def main() -> None:
@@ -67,14 +64,11 @@ def main() -> None:
     steered, base = point(args.strength, sh), point(0.0, None)
     toxic = dsas.load_prompt_sets("toxicity").eval["toxic"][: len(base["per_prompt"]["toxicity"])]
     t_base, t_st = np.array(base["per_prompt"]["toxicity"]), np.array(steered["per_prompt"]["toxicity"])
-    top, rows = st.steered[-1], []
+    rows = []
     for i in np.where(t_base > 0.5)[0]:
         prompt, cont = toxic[i], steered["per_prompt"]["continuations"][i]
         n_p = len(tok(prompt)["input_ids"])
-        enc = tok(prompt + cont, return_tensors="pt").to(model_device(model))
-        with torch.no_grad(), st.apply(model, EPS, trace=True) as tr:
-            model(**enc)
-        g = tr.scales[top][0] / EPS
+        g = top_gate(model, tok, st, prompt + cont)
         rows.append((float(g[n_p - 1] > 0), float((g[n_p:] > 0).float().mean()), bool(t_st[i] > 0.5)))
     r = np.array(rows)
     print(f"{args.model} {args.steerer} seed {args.seed} at strength {args.strength}: {len(r)} held-out toxic "
