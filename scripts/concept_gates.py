@@ -7,7 +7,7 @@ regulators at or below each site; "below+prefix": both) and a few other options,
 ~50-70 s per strength on 2 CPU cores (about 15 min for those three steerers); without --only it runs them all.
 
 Prints, per steerer and strength, the share of held-out in-category and out-of-category continuations (40 each,
-24 greedy tokens) that contain the concept word; for gated steerers the mean gate g (over steered sites) on the
+24 greedy tokens) that contain the concept word (the pirate set: any of its voice's markers); for gated steerers the mean gate g (over steered sites) on the
 continuation tokens; and the unsteered model's perplexity of the continuations (how far from fluent text the
 steering drove them; the unsteered continuations' own is the first row). Writes <out>/<sets>.json and a Markdown
 table <out>/<sets>.md (rows of earlier runs with other steerers are kept). A fast probe for choosing what the
@@ -26,7 +26,7 @@ import torch
 import dsas
 from dsas.eval import generate_continuations
 from dsas.eval.common import token_logprobs
-from dsas.eval.concept import concept_rate
+from dsas.eval.concept import concept_rate, concept_words
 from dsas.torchutil import model_device
 
 HARD: dict[str, object] = {"floor": 0.5, "control_fpr": 0.05, "calibrate_on": "tokens"}
@@ -78,9 +78,10 @@ def continuation_stats(
     return ppl, (float(torch.cat(gates).mean()) if gates else None)
 
 
-def markdown(rows: list[dict[str, object]], word: str) -> str:
+def markdown(rows: list[dict[str, object]], word: str | list[str]) -> str:
+    label = repr(word) if isinstance(word, str) else "any of " + "/".join(word)
     head = (
-        f"| steerer | strength | in-category with '{word}' | out-of-category | in - out | gate on in-category "
+        f"| steerer | strength | in-category with {label} | out-of-category | in - out | gate on in-category "
         "continuations | gate on out-of-category | continuation ppl (in / out) |\n|---|---|---|---|---|---|---|---|\n"
     )
 
@@ -128,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tok = dsas.load_model(args.model)
     sets = dsas.load_prompt_sets(args.sets, n=args.n_fit or None, seed=0)
-    word = sets.meta["concept_word"]
+    word = concept_words(sets.meta) or ""
     keys = list(sets.eval)
     ins = sets.eval[sets.meta.get("eval_in") or keys[0]][: args.n_eval]
     outs = sets.eval[sets.meta.get("eval_out") or keys[1]][: args.n_eval]

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 import dsas
 from dsas.eval import generate_continuations
-from dsas.eval.concept import concept_rate
+from dsas.eval.concept import concept_rate, concept_words
 from dsas.torchutil import model_device
 
 EPS = 1e-6  # a strength this small leaves the stream unsteered to float precision; the trace gives g = scale / EPS
@@ -57,7 +57,7 @@ def main() -> None:
     model, tok = dsas.load_model("smollm2-135m")
     for seed in seeds:
         sets = dsas.load_prompt_sets(name, n=56, seed=seed)
-        word, keys = sets.meta["concept_word"], list(sets.eval)
+        word, keys = concept_words(sets.meta) or "", list(sets.eval)
         ins = sets.eval[sets.meta.get("eval_in") or keys[0]]
         outs = sets.eval[sets.meta.get("eval_out") or keys[1]]
         gated = dsas.fit(model, tok, sets, gate="dsas", progress=False)

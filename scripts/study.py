@@ -23,7 +23,7 @@ starts only those steerers' tasks in a run (the report still reads back every fi
 
     .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
     .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config sink --out docs/sink    # concepts, skip_tokens=1
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config sink --out docs/sink --store runs/study  # skip_tokens=1
     OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config pca64 --out docs/pca64  # pear, pca_dim=64 gates
 
 What it measures, per model (SmolLM2-135M; Gemma-3-270M when its optional package is installed, else a note)
@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 
 import dsas
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS
-from dsas.eval import build_wiki_mc, concept_pattern, load_wiki_paragraphs
+from dsas.eval import build_wiki_mc, concept_pattern, concept_words, load_wiki_paragraphs
 from dsas.fit import fit_config_dict, resolve_fit_config, route_options
 from dsas.gates import DSASConfig, changed_fields
 from dsas.models import ModelUnavailableError
@@ -187,15 +187,20 @@ CONFIGS = {
         | {"caa+dsas(removal)": {"acc_threshold": 0.5}},
         n_boot=300,
     ),
-    # The concept tasks of `full` on SmolLM2 with the attention sink left out of every fit and running mean
-    # (`skip_tokens=1`, docs/concepts.md "The attention sink"); grids reach further up, as the shifts are
-    # about half as long without the sink.
+    # The SmolLM2 half of `full` (the toxicity claims' steerers and the concept sets) with the attention sink, its
+    # first token, left out of every fit and running mean (`skip_tokens=1`; docs/concepts.md "The attention
+    # sink"). Grids reach further down (the pirate voice arrives near strength 0.75 and is noise from 1.5) and up
+    # (the shifts are about half as long without the sink). With `--store runs/study` its fits, calibrations and
+    # points are the full study's own should "auto" come to leave the sink out (all are keyed by content).
     "sink": StudyConfig(
         "sink",
         models=("smollm2-135m",),
-        steerers=(),
-        concept_grids={"caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0), "caa+dsas": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)},
-        fit_options={"caa": {"skip_tokens": 1}, "caa+dsas": {"skip_tokens": 1}},
+        steerers=PRIORITY,
+        concept_grids={
+            "caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+            "caa+dsas": (0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),
+        },
+        fit_options={name: {"skip_tokens": 1} for name in PRIORITY},
     ),
     # Pear with regulators keeping 64 principal components instead of 5 (docs/concepts.md, "Choosing the
     # regulator": half as many fruit-less prompts open the gate); CAA is the full study's, read from its store.
@@ -303,6 +308,8 @@ def fit_digest(sig: str, tok: Any, sets: dsas.PromptSets, name: str, seed: int, 
     }
     if fcfg.skip:  # skipped tokens' gates are shut (they read a mean of 0 before): fits with a skip are new
         spec["skipped_gates"] = "shut"
+    # skip_tokens is in the resolved fit config: an explicit 1 and an "auto" that resolves to 1 share a fit
+    options = {k: v for k, v in options.items() if k != "skip_tokens"}
     return digest({**spec, "o": options, "s": seed})
 
 
@@ -495,8 +502,17 @@ class TaskInputs:
     data: EvalData
     ecfg: EvalConfig
     sets: dsas.PromptSets
-    word: str = ""
+    word: str | list[str] = ""
+    """The concept word, or a style's markers (`dsas.eval.concept_words`)."""
     n_in: int = 0
+
+
+def word_label(word: str | list[str], most: int = 99) -> str:
+    """'pear', or a style's markers as "any of 'matey', 'ye', ..." (the first `most` of them)."""
+    if isinstance(word, str):
+        return f"'{word}'"
+    shown = ", ".join(f"'{w}'" for w in word[:most])
+    return f"any of {shown}{', ...' if len(word) > most else ''}"
 
 
 def task_inputs(task: Task, cfg: StudyConfig) -> TaskInputs:
@@ -511,7 +527,7 @@ def task_inputs(task: Task, cfg: StudyConfig) -> TaskInputs:
         cfg, n_prompts=len(ins) + len(outs), n_neutral=len(outs), n_wiki=cfg.n_wiki_concept, n_mc=0
     )
     data = EvalData(ins + outs, outs, load_wiki_paragraphs(cfg.n_wiki_concept, seed=0), [])
-    return TaskInputs(data, ecfg, sets, str(full.meta["concept_word"]), len(ins))
+    return TaskInputs(data, ecfg, sets, concept_words(full.meta) or "", len(ins))
 
 
 def toxicity_task(
@@ -982,7 +998,7 @@ def plots(
                 outs = [np.mean([c[2] for curve in r["curve"] for c in curve if c[0] == s]) for s in grid]
                 line = ax.plot(grid, ins, marker="o", label=f"{name}: in-category")[0]
                 ax.plot(grid, outs, marker="x", linestyle="--", color=line.get_color(), label=f"{name}: out")
-            ax.set_title(f"'{con['word']}' ({set_name})", fontsize=10)
+            ax.set_title(f"{word_label(con['word'], 3)} ({set_name})", fontsize=10)
             ax.set_xlabel("strength")
             ax.set_ylabel("concept rate (mean over seeds)")
             ax.legend(fontsize=8)
@@ -1174,7 +1190,7 @@ def write_report(
                 rows, claims, passes = concept_rows(con, cfg)
                 n_pass += passes
                 lines += [
-                    f"| {set_name} ('{con['word']}', {con['n_in']} / {con['n_out']} prompts) {row}"
+                    f"| {set_name} ({word_label(con['word'])}, {con['n_in']} / {con['n_out']} prompts) {row}"
                     for row in rows
                 ]
                 claim_lines += [f"* {set_name}: {c}" for c in claims]

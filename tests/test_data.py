@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsas.data import BUILTIN_PROMPT_SETS, CONCEPT_SETS, PromptSets, list_prompt_sets, load_prompt_sets
-from dsas.eval import concept_pattern
+from dsas.eval import concept_pattern, concept_words
 
 PEAR = re.compile(r"\bpears?\b", re.IGNORECASE)
 
@@ -89,14 +89,15 @@ def test_builtin_splits_are_disjoint_up_to_case_and_punctuation(name):
 @pytest.mark.parametrize("name", CONCEPT_SETS)
 def test_concept_sets_share_one_layout(name):
     """Every concept set: ~70 paired source / target and 70 control prompts, ~100 held-out prompts in and out of
-    the category, and a concept word that only the target uses (so the word's rate measures the steering)."""
+    the category, and a concept word (or a style's markers) that only the target uses (so its rate measures the
+    steering)."""
     sets = load_prompt_sets(name)
     assert sets.meta["paired"] is True and name in list_prompt_sets()
     assert 70 <= len(sets.source) == len(sets.target) and len(sets.control) >= 70
     ins, outs = sets.eval[sets.meta["eval_in"]], sets.eval[sets.meta["eval_out"]]
     assert len(ins) >= 100 and len(outs) >= 100
     assert set(sets.eval) == {sets.meta["eval_in"], sets.meta["eval_out"]}
-    word = concept_pattern(sets.meta["concept_word"])
+    word = concept_pattern(concept_words(sets.meta) or "")
     assert all(word.search(t) for t in sets.target)
     for split in (sets.source, sets.control, ins, outs):
         assert not any(word.search(t) for t in split)

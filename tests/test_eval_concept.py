@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsas.eval import concept_rate, false_steer_rate
+from dsas.eval import concept_rate, concept_words, false_steer_rate
 
 
 def test_concept_rate_whole_word_with_plurals():
@@ -27,6 +27,24 @@ def test_concept_rate_whole_word_with_plurals():
         concept_rate([], "pear")
     with pytest.raises(ValueError):
         concept_rate(["x"], " ")
+
+
+def test_concept_rate_counts_any_marker_exactly_as_written():
+    """A style's markers: any one counts, each whole-word and case-insensitive, with no plural forms (the
+    pirate's "ye" must not count every "yes")."""
+    texts = ["Aye, matey", "yes sir", "Ye be lost", "yers", "mateys ahoy", "a yeti", "plain text"]
+    assert concept_rate(texts, ["matey", "ye", "aye"]) == pytest.approx(2 / 7)
+    assert concept_rate(texts, ["matey", "mateys", "ye", "aye"]) == pytest.approx(3 / 7)
+    assert concept_rate(texts, ("ahoy",)) == pytest.approx(1 / 7)
+    for bad in ([], ["ye", " "], ["ye", 3]):
+        with pytest.raises(ValueError, match="markers"):
+            concept_rate(texts, bad)
+
+
+def test_concept_words_prefers_a_sets_markers():
+    assert concept_words({"concept_word": "pear"}) == "pear"
+    assert concept_words({"concept_word": "matey", "markers": ["matey", "ye"]}) == ["matey", "ye"]
+    assert concept_words({"paired": True}) is None
 
 
 def test_false_steer_rate_counts_real_tokens_above_threshold():

@@ -213,6 +213,23 @@ def test_refitted_steerer_under_the_same_name_is_recomputed(tmp_path, fast_sweep
     assert rows == load_points(tmp_path)
 
 
+def test_a_steerer_that_skips_tokens_is_keyed_by_the_rule_that_reads_it(tmp_path, tiny_tok, engine_sets):
+    """Latched gates became shut on skipped tokens with the artifact unchanged: a steerer that skips tokens gets a
+    key of its own (points stored under the old rule are not reused), one that skips none keeps its content
+    hash."""
+    from conftest import make_tiny_model
+
+    from dsas.artifact import content_hash, read_artifact
+
+    model = make_tiny_model("llama", len(tiny_tok))
+    for skip in (0, 1):
+        st = dsas.fit(model, tiny_tok, engine_sets, acc_threshold=0.5, skip_tokens=skip, progress=False)
+        st.save(tmp_path / f"s{skip}")
+        plain = content_hash(*read_artifact(tmp_path / f"s{skip}"))
+        assert (steerer_hash(st) == plain) is (skip == 0)
+        assert steerer_hash(st) == steerer_hash(dsas.Steerer.load(tmp_path / f"s{skip}"))
+
+
 def test_legacy_jsonl_is_read_but_never_rewritten_or_reused(tmp_path, fast_sweep):
     sweep, calls, sts, _ = fast_sweep
     legacy = tmp_path / "sweep.jsonl"

@@ -294,6 +294,7 @@ def sweep(
     n_mc: int = 60,
 ) -> None:
     """Evaluate steerers over a strength grid: toxicity, perplexity, MC accuracy -> sweep.sqlite (resumable)."""
+    from dsas.eval import concept_words
     from dsas.sweep import EvalConfig, EvalData, run_sweep
 
     values = _parse_strengths(strengths)
@@ -311,7 +312,7 @@ def sweep(
         n_prompts=n_prompts,
         n_wiki=n_wiki,
         n_mc=n_mc,
-        concept_word=ps.meta.get("concept_word") if hasattr(ps, "meta") else None,
+        concept_word=concept_words(ps.meta) if hasattr(ps, "meta") else None,
     )
     data = EvalData.build(ps.eval, cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,9 @@ class EvalConfig:
     """Greedy by default, so a point is a deterministic function of (model, steerer, strength)."""
     scorer: str = "profanity"
     """Toxicity scorer: "profanity" (offline default) or a transformers text-classification model id/path."""
-    concept_word: str | None = None
-    """If set, report the rate of continuations that contain this word (the `concept` sets)."""
+    concept_word: str | list[str] | None = None
+    """If set, report the rate of continuations that contain this word (or, given a list of a style's markers,
+    any of them; `dsas.eval.concept_words` reads it from a concept set's meta)."""
     chat_template: bool = False
     seed: int = 0
 
@@ -198,10 +199,17 @@ def evaluate_point(
 
 def steerer_hash(st: Steerer) -> str:
     """`dsas.artifact.content_hash` of what `st.save` writes: equal for a steerer, its reload and an identical
-    refit; different when any tensor, gate or option differs."""
+    refit; different when any tensor, gate or option differs, or when the rule that reads the artifact changed
+    (the stored points are keyed by it)."""
     with tempfile.TemporaryDirectory(prefix="dsas-hash-") as d:
         st.save(d)
-        return content_hash(*read_artifact(d))
+        h = content_hash(*read_artifact(d))
+    cond = st.condition
+    if any(g.skip for g in st.gates.values()) or (cond is not None and cond.skip):
+        # The rule changed for skipped tokens: a running-mean gate is shut on them (it read a mean of 0, a gate of
+        # 0.5, before), with the artifact unchanged. Points stored for such a steerer before are not this rule's.
+        h = hashlib.sha256(f"{h}/skipped-gates-shut".encode()).hexdigest()
+    return h
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:

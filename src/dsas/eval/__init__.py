@@ -4,7 +4,7 @@ Every metric takes a plain (model, tokenizer) and knows nothing about steering: 
 calling it inside `with steerer.apply(model, strength=s):`.
 """
 
-from dsas.eval.concept import concept_pattern, concept_rate, false_steer_rate
+from dsas.eval.concept import concept_pattern, concept_rate, concept_words, false_steer_rate
 from dsas.eval.generation import generate_continuations
 from dsas.eval.multiple_choice import (
     MCQuestion,
@@ -40,6 +40,7 @@ __all__ = [
     "build_wiki_mc",
     "concept_pattern",
     "concept_rate",
+    "concept_words",
     "false_steer_rate",
     "generate_continuations",
     "get_scorer",

@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 
-def concept_pattern(word: str) -> re.Pattern[str]:
-    """Whole-word, case-insensitive pattern for `word` and its regular plural ("pear"/"pears",
-    "peach"/"peaches", "berry"/"berries"); "appear" or "pearl" do not match "pear"."""
-    word = word.strip()
-    if not word:
-        raise ValueError("concept word must be non-empty")
-    forms = {re.escape(word) + r"(?:e?s)?"}
-    if len(word) > 1 and word[-1].lower() == "y" and word[-2].lower() not in "aeiou":
-        forms.add(re.escape(word[:-1]) + "ies")
+def concept_pattern(word: str | Sequence[str]) -> re.Pattern[str]:
+    """Whole-word, case-insensitive pattern. One word matches itself and its regular plural ("pear"/"pears",
+    "peach"/"peaches", "berry"/"berries"; "appear" or "pearl" do not match "pear"). A list of words is a style's
+    markers: any one of them, each exactly as written (no plural forms, so the pirate's "ye" does not match
+    "yes")."""
+    if isinstance(word, str):
+        word = word.strip()
+        if not word:
+            raise ValueError("concept word must be non-empty")
+        forms = {re.escape(word) + r"(?:e?s)?"}
+        if len(word) > 1 and word[-1].lower() == "y" and word[-2].lower() not in "aeiou":
+            forms.add(re.escape(word[:-1]) + "ies")
+    else:
+        words = [w.strip() if isinstance(w, str) else w for w in word]
+        if not words or not all(isinstance(w, str) and w for w in words):
+            raise ValueError(f"concept markers must be a non-empty list of non-empty words, got {word!r}")
+        forms = {re.escape(w) for w in words}
     return re.compile(rf"(?<!\w)(?:{'|'.join(sorted(forms))})(?!\w)", re.IGNORECASE)
 
 
-def concept_rate(texts: Sequence[str], word: str) -> float:
-    """Fraction of texts that mention `word` at least once (see `concept_pattern` for what counts)."""
+def concept_words(meta: Mapping[str, Any]) -> str | list[str] | None:
+    """What a concept set's continuations are scored for: its `markers` (a style's words: any of them counts)
+    when the set names them, else its `concept_word` (a topic's word and its plural); None when it has neither.
+    A style is carried by several words (the pirate's "ye", "aye", "matey"), and steering that writes the voice
+    without one chosen word has still written the voice."""
+    markers = meta.get("markers")
+    if markers:
+        return [str(m) for m in markers]
+    word = meta.get("concept_word")
+    return str(word) if word else None
+
+
+def concept_rate(texts: Sequence[str], word: str | Sequence[str]) -> float:
+    """Fraction of texts that mention `word` (or, given a list, any of those markers) at least once (see
+    `concept_pattern` for what counts)."""
     texts = list(texts)
     if not texts:
         raise ValueError("concept_rate of zero texts is undefined")
