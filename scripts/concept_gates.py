@@ -7,9 +7,10 @@ regulators at or below each site; "below+prefix": both) and a few other options,
 ~50-70 s per strength on 2 CPU cores (about 15 min for those three steerers); without --only it runs them all.
 
 Prints, per steerer and strength, the share of held-out in-category and out-of-category continuations (40 each,
-24 greedy tokens) that contain the concept word (the pirate set: any of its voice's markers); for gated steerers the mean gate g (over steered sites) on the
-continuation tokens; and the unsteered model's perplexity of the continuations (how far from fluent text the
-steering drove them; the unsteered continuations' own is the first row). Writes <out>/<sets>.json and a Markdown
+24 greedy tokens) that contain the concept word (the pirate set: any of its voice's markers); for gated
+steerers the mean gate g (over steered sites) on the continuation tokens; and the unsteered model's perplexity
+of the continuations (how far from fluent text the steering drove them; the unsteered continuations' own is the
+first row). Writes <out>/<sets>.json and a Markdown
 table <out>/<sets>.md (rows of earlier runs with other steerers are kept). A fast probe for choosing what the
 full study (`scripts/study.py`) should compare; no intervals.
 """
