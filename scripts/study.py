@@ -19,11 +19,13 @@ How long: docs/study.md's "Progress and cost" section lists each finished task's
 36 min with other jobs beside it for most of the run; 84 tasks on two models are days of such a machine, so the
 run takes `--hours H` and resumes: tasks run in priority order (the toxicity claims' steerers on both models at
 each seed first) and a stopped run writes a partial report listing what is not run yet. `--steerers caa,...`
-starts only those steerers' tasks in a run (the report still reads back every finished one).
+and `--sets pirate,...` start only those steerers' or sets' tasks in a run (the report still reads back every
+finished one). A task's ledger key holds only its part of the configuration (`config_key`), so one model's
+tasks run apart (`--models smollm2-135m --out /tmp/s --store runs/study --results docs/study/results`) land in
+the full study's ledger, and the full configuration's `--hours 0` then writes docs/study.md from it.
 
     .venv/bin/python scripts/study.py --config tiny --out /tmp/study-tiny    # whole pipeline, random tiny model
     .venv/bin/python scripts/study.py --config smoke --out /tmp/study-smoke  # SmolLM2, 1 seed, 2 steerers
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config sink --out docs/sink --store runs/study  # skip_tokens=1
     OMP_NUM_THREADS=2 .venv/bin/python scripts/study.py --config pca64 --out docs/pca64  # pear, pca_dim=64 gates
 
 What it measures, per model (SmolLM2-135M; Gemma-3-270M when its optional package is installed, else a note)
@@ -121,11 +123,11 @@ class StudyConfig:
     concept_sets: tuple[str, ...] = CONCEPT_SETS
     concept_steerers: tuple[str, ...] = ("caa", "caa+dsas")
     concept_grids: dict[str, tuple[float, ...]] = field(
-        # Most selective in docs/concepts.md: CAA at 0.5-1.5, pooled CAA + DSAS at 2-3 (pear in a narrow window
-        # around 2.75): each grid is densest where its steerer's optimum lies.
+        # Most selective with the attention sink left out (docs/concepts.md): CAA at 0.5-1 (pear near 3), CAA +
+        # DSAS at 0.75 (the pirate voice, noise from 1.5) to 2.5 (horse, pear): each grid is densest there.
         default_factory=lambda: {
-            "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
-            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
+            "caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+            "caa+dsas": (0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),
         }
     )
     budgets: tuple[float, ...] = (0.05, 0.10)
@@ -187,29 +189,19 @@ CONFIGS = {
         | {"caa+dsas(removal)": {"acc_threshold": 0.5}},
         n_boot=300,
     ),
-    # The SmolLM2 half of `full` (the toxicity claims' steerers and the concept sets) with the attention sink, its
-    # first token, left out of every fit and running mean (`skip_tokens=1`; docs/concepts.md "The attention
-    # sink"). Grids reach further down (the pirate voice arrives near strength 0.75 and is noise from 1.5) and up
-    # (the shifts are about half as long without the sink). With `--store runs/study` its fits, calibrations and
-    # points are the full study's own should "auto" come to leave the sink out (all are keyed by content).
-    "sink": StudyConfig(
-        "sink",
-        models=("smollm2-135m",),
-        steerers=PRIORITY,
-        concept_grids={
-            "caa": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
-            "caa+dsas": (0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),
-        },
-        fit_options={name: {"skip_tokens": 1} for name in PRIORITY},
-    ),
     # Pear with regulators keeping 64 principal components instead of 5 (docs/concepts.md, "Choosing the
     # regulator": half as many fruit-less prompts open the gate); CAA is the full study's, read from its store.
+    # Run with the attention sink in the fits (`skip_tokens=0`, the default on SmolLM2 then) and that study's grids.
     "pca64": StudyConfig(
         "pca64",
         models=("smollm2-135m",),
         steerers=(),
         concept_sets=("concept",),
-        fit_options={"caa+dsas": {"pca_dim": 64}},
+        concept_grids={
+            "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
+            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
+        },
+        fit_options={"caa": {"skip_tokens": 0}, "caa+dsas": {"pca_dim": 64, "skip_tokens": 0}},
     ),
 }
 
@@ -681,12 +673,26 @@ def _decode(d: dict[str, Any]) -> Any:
     return d
 
 
+TASK_SELECTION = ("name", "models", "seeds", "steerers", "concept_sets", "concept_steerers")
+"""StudyConfig fields that say which tasks exist, not what one computes."""
+
+
+def config_key(cfg: StudyConfig, task: Task) -> dict[str, Any]:
+    """The part of the configuration a task's numbers depend on: every sizing field, the task's own strength grid
+    (a concept task's; none for toxicity, whose strengths are calibrated), and no fit options (the fit's key
+    holds them, resolved). So a task's result survives a change to another task's grid, `--models`, or another
+    configuration that runs the same task."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in TASK_SELECTION and k != "fit_options"}
+    d["concept_grids"] = None if task.kind == "toxicity" else list(cfg.concept_grids[task.steerer])
+    return d
+
+
 def task_key(model: Any, tok: Any, task: Task, inp: TaskInputs, cfg: StudyConfig) -> str:
-    """The digest of everything a task's numbers depend on: the study's configuration, the task, the fit's key
+    """The digest of everything a task's numbers depend on: its part of the configuration, the task, the fit's key
     (model weights, fitting prompts, every fit config with defaults), the evaluation hash (evaluation data and
     settings, model, tokenizer, `dsas.sweep.POINT_VERSION`), the concept word and `RESULT_VERSION`."""
     return digest({
-        "version": RESULT_VERSION, "config": asdict(cfg), "task": asdict(task), "word": inp.word,
+        "version": RESULT_VERSION, "config": config_key(cfg, task), "task": asdict(task), "word": inp.word,
         "fit": fit_digest(model_signature(model)["weights"], tok, inp.sets, task.steerer, task.seed, cfg),
         "eval": eval_hash(model, tok, inp.data, inp.ecfg),
     })  # fmt: skip
@@ -1247,6 +1253,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="comma list: start only these steerers' tasks this run (the others' finished tasks are still read "
         "back; the report covers the whole configuration)",
     )  # fmt: skip
+    p.add_argument(
+        "--sets", default=None,
+        help="comma list of task sets (toxicity and concept set names): start only these sets' tasks this run",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.models:
@@ -1276,6 +1286,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         p.error(
             f"--steerers {args.steerers}: {sorted(only - set(cfg.steerers))} not among {list(cfg.steerers)}"
         )
+    sets = set(args.sets.split(",")) if args.sets else None
+    if sets and sets - {"toxicity", *cfg.concept_sets}:
+        p.error(
+            f"--sets {args.sets}: {sorted(sets - {'toxicity', *cfg.concept_sets})} not among "
+            f"{['toxicity', *cfg.concept_sets]}"
+        )
     if args.first or args.concepts_first:
         tasks = put_first(tasks, args.first.split(",") if args.first else [], args.concepts_first)
     done: dict[Task, dict[str, Any]] = {}
@@ -1295,7 +1311,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 missing[task.model] = str(err)
                 continue
         # Past the budget, only finished tasks (in the ledger, or timed in the store) are read back.
-        start = time.perf_counter() <= deadline and (only is None or task.steerer in only)
+        start = (
+            time.perf_counter() <= deadline
+            and (only is None or task.steerer in only)
+            and (sets is None or task.kind in sets)
+        )
         got = run_task(loaded[1], loaded[2], task, cfg, store, ledger, start=start)
         if got is None:
             skipped.append(task)

@@ -247,37 +247,43 @@ def test_skip_tokens_fits_without_the_first_tokens_and_gates_read_it(model, tiny
         dsas.fit(model, tiny_tok, engine_sets, progress=False, skip_tokens=-1)
 
 
-def test_skip_tokens_auto_leaves_out_the_bos_token_and_nothing_else(model, tiny_tok, engine_sets):
-    """The default `skip_tokens="auto"` skips the special tokens the tokenizer prepends: with a BOS token the fit
-    is the `skip_tokens=1` fit bit for bit and saves 1; without one it is the paper's token-mean (`skip_tokens=0`)
-    and saves the same config as before the option existed, so caches keyed by it stay valid."""
+def test_skip_tokens_auto_leaves_out_the_attention_sink_and_nothing_else(model, tiny_tok, engine_sets):
+    """The default `skip_tokens="auto"` skips the attention sink, the first token: the BOS token the tokenizer
+    prepends, or the first real token where it prepends none. Either way the fit is the `skip_tokens=1` fit bit
+    for bit and saves 1; an explicit `skip_tokens=0` (the paper's token-mean) saves the same config as before the
+    option existed, so caches keyed by it stay valid."""
     from conftest import make_tiny_tokenizer
 
     from dsas.fit import FitConfig, prepended_specials, resolve_fit_config
 
     plain_tok = make_tiny_tokenizer(bos=False)
     assert prepended_specials(tiny_tok) == 1 and prepended_specials(plain_tok) == 0
+    assert resolve_fit_config(FitConfig(), tiny_tok).skip_tokens == 1
+    assert resolve_fit_config(FitConfig(), plain_tok).skip_tokens == 1
     assert resolve_fit_config(FitConfig(), None).skip_tokens == 0  # images
     with pytest.raises(RuntimeError, match="unresolved"):
         _ = FitConfig().skip
     kw = dict(progress=False, acc_threshold=0.5)
-    for tok, k in ((tiny_tok, 1), (plain_tok, 0)):
+    for tok in (tiny_tok, plain_tok):
         auto, explicit = (
             dsas.fit(model, tok, engine_sets, **kw),
-            dsas.fit(model, tok, engine_sets, skip_tokens=k, **kw),
+            dsas.fit(model, tok, engine_sets, skip_tokens=1, **kw),
         )
         assert auto.steered == explicit.steered
         assert (
             auto.config["fit"]
             == explicit.config["fit"]
-            == {"batch_size": 16, "max_length": 128, "seed": 0} | ({"skip_tokens": 1} if k else {})
+            == {"batch_size": 16, "max_length": 128, "seed": 0, "skip_tokens": 1}
         )
-        assert {auto.gates[n].skip for n in auto.steered} == {k}
+        assert {auto.gates[n].skip for n in auto.steered} == {1}
         for n in auto.steered:
             assert torch.equal(auto.maps[n].shift, explicit.maps[n].shift)
             assert (
                 torch.equal(auto.gates[n].w, explicit.gates[n].w) and auto.gates[n].b == explicit.gates[n].b
             )
+    paper = dsas.fit(model, plain_tok, engine_sets, skip_tokens=0, **kw)
+    assert paper.config["fit"] == {"batch_size": 16, "max_length": 128, "seed": 0}
+    assert {paper.gates[n].skip for n in paper.steered} == {0}
 
 
 def test_skip_tokens_reaches_lineas_training(model, tiny_tok, engine_sets):

@@ -235,6 +235,48 @@ def test_first_moves_one_models_tasks_ahead_in_plan_order():
     ]
 
 
+def test_a_tasks_key_holds_its_part_of_the_configuration_only():
+    """A task's ledger key changes with what it computes (sizes, its own grid) and not with which other tasks
+    exist (`--models`, another steerer's grid), so a run of one model's tasks writes entries the full study
+    reads back; the fit options are in the fit's key, resolved."""
+    from dataclasses import replace
+
+    full = study.CONFIGS["full"]
+    tox, con = (
+        study.Task("smollm2-135m", "toxicity", "caa", 0),
+        study.Task("smollm2-135m", "pirate", "caa", 0),
+    )
+    one_model = replace(full, name="full --models smollm2-135m", models=("smollm2-135m",))
+    other_grid = replace(full, concept_grids=full.concept_grids | {"caa+dsas": (1.0,)})
+    own_grid = replace(full, concept_grids=full.concept_grids | {"caa": (1.0,)})
+    for task in (tox, con):
+        assert (
+            study.config_key(one_model, task)
+            == study.config_key(other_grid, task)
+            == study.config_key(full, task)
+        )
+    assert study.config_key(own_grid, tox) == study.config_key(full, tox)
+    assert study.config_key(own_grid, con) != study.config_key(full, con)
+    assert study.config_key(replace(full, n_concept=10), con) != study.config_key(full, con)
+
+
+def test_sets_starts_only_those_sets_tasks(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study.main(["--config", "tiny", "--out", str(tmp_path), "--sets", "pirate", "--steerers", "caa"])
+    finally:
+        torch.set_num_threads(threads)
+    results = tmp_path / "study" / "results"
+    done = sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json"))
+    assert done == ["tiny/pirate/caa-seed0.json", "tiny/pirate/caa-seed1.json"]
+    with pytest.raises(SystemExit):
+        study.main(["--config", "tiny", "--out", str(tmp_path), "--sets", "toxicity,nope"])
+    assert "['nope'] not among" in capsys.readouterr().err
+
+
 def test_only_the_full_configuration_may_write_docs_study_md(capsys):
     report = study.DOCS_REPORT
     stamp = report.stat().st_mtime_ns if report.exists() else None

@@ -62,13 +62,14 @@ class FitConfig:
     """Leave the first k real tokens of every prompt out of what maps and gates are fitted on (token-means,
     token distributions, LinEAS's source means), and out of the running mean a latched gate (scope "prefix" /
     "below+prefix") and the threshold gate read at run time. A prompt of k tokens or fewer keeps them all.
-    "auto" (default): the special tokens the tokenizer puts before every prompt, i.e. a BOS token (k = 1 on
-    Gemma and Llama; k = 0 on SmolLM2, GPT-2, Qwen2 and for images, which is the paper's token-mean bit for bit).
-    A BOS token's activations are the same in every prompt and the largest in it (the attention sink), so in a
-    token-mean it only adds a vector weighted by 1 / prompt length: a length signal to the regulators, noise to
-    a mean difference, and a point mass that a `control_fpr` counted on tokens calibrates onto
-    (docs/concepts.md, "The BOS token"). A positive k also drops a content token: the first word is SmolLM2's
-    sink (docs/concepts.md, "The attention sink"). The steerer saves the k it resolved to."""
+    "auto" (default): the attention sink, the first token of every text prompt: the special tokens the
+    tokenizer puts before every prompt (a BOS token: k = 1 on Gemma and Llama), or, where it puts none, the
+    first real token (k = 1 on SmolLM2, GPT-2 and Qwen2). Images: k = 0. The sink's activations are the largest
+    in the prompt and nearly the same in every prompt (a BOS token's exactly so), so in a token-mean it only adds
+    a vector weighted by 1 / prompt length: a length signal to the regulators, noise to a mean difference, and a
+    point mass that a `control_fpr` counted on tokens calibrates onto; left in, SmolLM2's concept gates stay shut
+    on the concept's own prompts (docs/concepts.md, "The BOS token" and "The attention sink"). k = 0 is the
+    paper's token-mean bit for bit. The steerer saves the k it resolved to."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -113,11 +114,12 @@ def prepended_specials(tokenizer: Any) -> int:
 
 
 def resolve_fit_config(cfg: FitConfig, tokenizer: Any | None) -> FitConfig:
-    """`cfg` with `skip_tokens="auto"` made concrete for this tokenizer (None: images, 0), as `fit` saves it:
-    key caches of fits by the resolved config, so a default that resolves to the old value keeps their keys."""
+    """`cfg` with `skip_tokens="auto"` made concrete for this tokenizer (None: images, 0; text: the prepended
+    special tokens, at least one: the attention sink), as `fit` saves it: key caches of fits by the resolved
+    config, so a default that resolves to the old value keeps their keys."""
     if cfg.skip_tokens != "auto":
         return cfg
-    return replace(cfg, skip_tokens=0 if tokenizer is None else prepended_specials(tokenizer))
+    return replace(cfg, skip_tokens=0 if tokenizer is None else max(1, prepended_specials(tokenizer)))
 
 
 # ---- data: what fit records from ------------------------------------------------------------------------
