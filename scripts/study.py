@@ -189,6 +189,18 @@ CONFIGS = {
         | {"caa+dsas(removal)": {"acc_threshold": 0.5}},
         n_boot=300,
     ),
+    # The SmolLM2 half of `full` with the attention sink in every fit (`skip_tokens=0`, the default on SmolLM2
+    # before it was left out) and that study's grids: the "sink in" numbers of docs/concepts.md.
+    "sink-in": StudyConfig(
+        "sink-in",
+        models=("smollm2-135m",),
+        steerers=PRIORITY,
+        concept_grids={
+            "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
+            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
+        },
+        fit_options={name: {"skip_tokens": 0} for name in PRIORITY},
+    ),
     # Pear with regulators keeping 64 principal components instead of 5 (docs/concepts.md, "Choosing the
     # regulator": half as many fruit-less prompts open the gate); CAA is the full study's, read from its store.
     # Run with the attention sink in the fits (`skip_tokens=0`, the default on SmolLM2 then) and that study's grids.
