@@ -149,6 +149,10 @@ class StudyConfig:
     n_boot: int = 2000
 
 
+SINK_IN_GRIDS = {"caa": (0.25, 0.5, 1.0, 1.5, 2.0), "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0)}
+"""The concept grids of the runs made with the attention sink in the fits (`skip_tokens=0`): densest where those
+fits were most selective (CAA at 0.5-1.5, CAA + DSAS at 2-3)."""
+
 CONFIGS = {
     "full": StudyConfig("full"),
     "smoke": StudyConfig(
@@ -195,10 +199,7 @@ CONFIGS = {
         "sink-in",
         models=("smollm2-135m",),
         steerers=PRIORITY,
-        concept_grids={
-            "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
-            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
-        },
+        concept_grids=SINK_IN_GRIDS,
         fit_options={name: {"skip_tokens": 0} for name in PRIORITY},
     ),
     # Pear with regulators keeping 64 principal components instead of 5 (docs/concepts.md, "Choosing the
@@ -209,10 +210,7 @@ CONFIGS = {
         models=("smollm2-135m",),
         steerers=(),
         concept_sets=("concept",),
-        concept_grids={
-            "caa": (0.25, 0.5, 1.0, 1.5, 2.0),
-            "caa+dsas": (1.0, 1.5, 2.0, 2.5, 2.75, 3.0, 3.5, 4.0),
-        },
+        concept_grids=SINK_IN_GRIDS,
         fit_options={"caa": {"skip_tokens": 0}, "caa+dsas": {"pca_dim": 64, "skip_tokens": 0}},
     ),
 }
@@ -1299,11 +1297,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             f"--steerers {args.steerers}: {sorted(only - set(cfg.steerers))} not among {list(cfg.steerers)}"
         )
     sets = set(args.sets.split(",")) if args.sets else None
-    if sets and sets - {"toxicity", *cfg.concept_sets}:
-        p.error(
-            f"--sets {args.sets}: {sorted(sets - {'toxicity', *cfg.concept_sets})} not among "
-            f"{['toxicity', *cfg.concept_sets]}"
-        )
+    kinds = ["toxicity", *cfg.concept_sets]
+    if sets and sets - set(kinds):
+        p.error(f"--sets {args.sets}: {sorted(sets - set(kinds))} not among {kinds}")
     if args.first or args.concepts_first:
         tasks = put_first(tasks, args.first.split(",") if args.first else [], args.concepts_first)
     done: dict[Task, dict[str, Any]] = {}
