@@ -1037,6 +1037,10 @@ def budget_table(
     return lines
 
 
+REUSED_SECONDS = 60.0
+"""A finished task timed under this computed nothing new (everything it needed was in the store)."""
+
+
 def progress_lines(done: dict[Task, dict[str, Any]], skipped: list[Task], cfg: StudyConfig) -> list[str]:
     """What was run and what it cost (measured per task when first computed), and what is not run yet."""
     lines = []
@@ -1047,10 +1051,25 @@ def progress_lines(done: dict[Task, dict[str, Any]], skipped: list[Task], cfg: S
                 if t.model == mname and (t.kind == "toxicity") == (kind == "toxicity") and r["seconds"] is not None
             ]  # fmt: skip
             if secs:
+                # A task under REUSED_SECONDS found its fit, calibrations and points in the store (computed by
+                # another task or configuration sharing them): it says nothing about what a task costs.
+                ran = [s for s in secs if s >= REUSED_SECONDS]
+                cost = (
+                    f"{np.mean(ran) / 60:.1f} min each on average, {min(ran) / 60:.1f}-{max(ran) / 60:.1f} min "
+                    f"({sum(ran) / 3600:.2f} h)"
+                    if ran
+                    else "none computed"
+                )
+                reused = len(secs) - len(ran)
+                note = (
+                    f"; {reused} read their fit, calibrations and points from the store (under "
+                    f"{REUSED_SECONDS:.0f} s each)"
+                    if reused
+                    else ""
+                )
                 lines.append(
                     f"* {mname}, {what} tasks (one steerer fitted with one seed and evaluated): {len(secs)} "
-                    f"finished, {np.mean(secs) / 60:.1f} min each on average, {min(secs) / 60:.1f}-"
-                    f"{max(secs) / 60:.1f} min ({sum(secs) / 3600:.2f} h)"
+                    f"finished; {len(ran)} computed: {cost}{note}"
                 )
     total = sum(r["seconds"] or 0.0 for r in done.values())
     lines.append(f"* Computing the {len(done)} finished tasks took {total / 3600:.2f} h in all (wall time, "
